@@ -1,0 +1,230 @@
+//! AWS access: one [`Aws`] per region, built from aws-config's ordinary chain so
+//! `AWS_PROFILE`, `AWS_REGION`, `AWS_ENDPOINT_URL` and credentials work exactly as
+//! with the aws CLI. Retries and timeouts are configured once, here.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::ProvideCredentials;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+/// Attempts per call, first included. Throttling and 5xx answers are retried with
+/// exponential backoff and jitter (the SDK's standard mode); eight attempts ride
+/// out a burst of throttling without hiding an outage for minutes.
+pub const MAX_ATTEMPTS: u32 = 8;
+const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(20);
+/// One attempt that hangs this long is abandoned and retried.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AwsError {
+    #[error("no AWS region: pass --region, set AWS_REGION, or set region in kiln.toml")]
+    NoRegion,
+    #[error("no usable AWS credentials{profile}: {message}; configure them as for the aws CLI (aws configure, AWS_PROFILE, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")]
+    NoCredentials { profile: String, message: String },
+    #[error("{service}:{operation} in {region}: {message}")]
+    Call {
+        service: &'static str,
+        operation: &'static str,
+        region: String,
+        code: Option<String>,
+        message: String,
+    },
+}
+
+impl AwsError {
+    /// Wraps an SDK error with the operation and region an operator needs.
+    pub fn call<E>(
+        service: &'static str,
+        operation: &'static str,
+        region: &str,
+        err: SdkError<E, aws_smithy_runtime_api::http::Response>,
+    ) -> AwsError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let code = err.code().map(str::to_string);
+        let message = match (&err, err.code(), err.message()) {
+            (_, Some(code), Some(msg)) => format!("{code}: {msg}"),
+            (_, Some(code), None) => code.to_string(),
+            (SdkError::DispatchFailure(d), _, _) => {
+                let detail = d
+                    .as_connector_error()
+                    .map(|c| crate::config::one_line(&error_chain(c)))
+                    .unwrap_or_else(|| "dispatch failure".to_string());
+                format!("could not reach the endpoint ({detail})")
+            }
+            (SdkError::TimeoutError(_), _, _) => "timed out".to_string(),
+            _ => crate::config::one_line(&error_chain(&err)),
+        };
+        AwsError::Call {
+            service,
+            operation,
+            region: region.to_string(),
+            code,
+            message,
+        }
+    }
+
+    /// The AWS error code, when the service answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            AwsError::Call { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Missing region or credentials are the operator's setup to fix.
+    pub fn is_input(&self) -> bool {
+        matches!(self, AwsError::NoRegion | AwsError::NoCredentials { .. })
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+/// What the operator chose, before aws-config's chain fills the gaps.
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    /// `--region`; wins over everything.
+    pub region: Option<String>,
+    /// `--profile`; wins over `AWS_PROFILE`.
+    pub profile: Option<String>,
+    /// kiln.toml `region`: used when neither `--region` nor the environment sets one.
+    pub default_region: Option<String>,
+    /// kiln.toml `profile`: used when neither `--profile` nor `AWS_PROFILE` is set.
+    pub default_profile: Option<String>,
+    /// kiln.toml `endpoint_url`: used when `AWS_ENDPOINT_URL` is not set.
+    pub default_endpoint_url: Option<String>,
+}
+
+/// A connection to AWS in one region.
+#[derive(Debug, Clone)]
+pub struct Aws {
+    config: SdkConfig,
+    region: String,
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty())
+}
+
+impl Aws {
+    /// Loads the SDK configuration and checks that a region and credentials exist,
+    /// so a missing one is a clear error before any call is attempted.
+    pub async fn connect(settings: &AwsSettings) -> Result<Aws, AwsError> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(MAX_ATTEMPTS)
+                    .with_initial_backoff(INITIAL_BACKOFF)
+                    .with_max_backoff(MAX_BACKOFF),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .build(),
+            );
+        let profile = settings.profile.clone().or_else(|| {
+            (!env_set("AWS_PROFILE"))
+                .then(|| settings.default_profile.clone())
+                .flatten()
+        });
+        if let Some(p) = &profile {
+            loader = loader.profile_name(p);
+        }
+        if let Some(r) = &settings.region {
+            loader = loader.region(Region::new(r.clone()));
+        } else if !env_set("AWS_REGION") && !env_set("AWS_DEFAULT_REGION") {
+            if let Some(r) = &settings.default_region {
+                loader = loader.region(Region::new(r.clone()));
+            }
+        }
+        if !env_set("AWS_ENDPOINT_URL") {
+            if let Some(url) = &settings.default_endpoint_url {
+                loader = loader.endpoint_url(url);
+            }
+        }
+        let config = loader.load().await;
+        let region = config
+            .region()
+            .map(|r| r.to_string())
+            .ok_or(AwsError::NoRegion)?;
+        let provider = config
+            .credentials_provider()
+            .ok_or_else(|| AwsError::NoCredentials {
+                profile: String::new(),
+                message: "no credentials provider".to_string(),
+            })?;
+        if let Err(e) = provider.provide_credentials().await {
+            return Err(AwsError::NoCredentials {
+                profile: profile
+                    .map(|p| format!(" for profile {p:?}"))
+                    .unwrap_or_default(),
+                // The provider's own message names what it tried; it never holds
+                // secret values.
+                message: crate::config::one_line(&error_chain(&e)),
+            });
+        }
+        Ok(Aws { config, region })
+    }
+
+    /// The same credentials and settings in another region.
+    pub fn in_region(&self, region: &str) -> Aws {
+        let config = self
+            .config
+            .to_builder()
+            .region(Region::new(region.to_string()))
+            .build();
+        Aws {
+            config,
+            region: region.to_string(),
+        }
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    pub fn sdk_config(&self) -> &SdkConfig {
+        &self.config
+    }
+
+    pub fn ec2(&self) -> aws_sdk_ec2::Client {
+        aws_sdk_ec2::Client::new(&self.config)
+    }
+
+    pub fn autoscaling(&self) -> aws_sdk_autoscaling::Client {
+        aws_sdk_autoscaling::Client::new(&self.config)
+    }
+
+    pub fn ssm(&self) -> aws_sdk_ssm::Client {
+        aws_sdk_ssm::Client::new(&self.config)
+    }
+
+    pub fn elbv2(&self) -> aws_sdk_elasticloadbalancingv2::Client {
+        aws_sdk_elasticloadbalancingv2::Client::new(&self.config)
+    }
+
+    /// S3 with path-style addressing when a custom endpoint is in use (local
+    /// emulators do not resolve bucket subdomains).
+    pub fn s3(&self) -> aws_sdk_s3::Client {
+        let custom_endpoint = self.config.endpoint_url().is_some();
+        let conf = aws_sdk_s3::config::Builder::from(&self.config)
+            .force_path_style(custom_endpoint)
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
+}

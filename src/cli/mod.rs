@@ -1,0 +1,120 @@
+//! The command line: global flags, one module per subcommand (an `Args` struct
+//! whose doc comments are the help text, and a `run` function).
+
+pub mod hash;
+pub mod render;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::aws::{Aws, AwsSettings};
+use crate::config::Config;
+use crate::ui::{OutputFormat, Ui};
+use crate::{Error, Result};
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0    success
+  1    the operation failed (AWS refused or timed out, a bake step failed)
+  2    bad input or usage: fix the command, config, recipe or named resource
+  3    a rollout failed and was rolled back to where it started
+  130  interrupted (Ctrl-C); temporary resources were cleaned up
+
+AWS access uses the same chain as the aws CLI: AWS_PROFILE, AWS_REGION,
+AWS_ENDPOINT_URL and the usual credential sources all work.";
+
+/// Bake content-hashed AWS machine images from templated recipes and roll
+/// auto-scaling groups onto them by replacing instances, never by patching them.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, after_help = AFTER_HELP, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GlobalArgs {
+    /// AWS region [default: AWS_REGION, then kiln.toml `region`, then the profile's]
+    #[arg(long, global = true, value_name = "REGION")]
+    pub region: Option<String>,
+    /// AWS profile from ~/.aws/config [default: AWS_PROFILE, then kiln.toml `profile`]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Output format of the command's result on stdout
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Human)]
+    pub output: OutputFormat,
+    /// More detail: -v shows what a command covers and kiln's debug log, -vv the AWS SDK's too
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Project file [default: kiln.toml in the current folder or the nearest parent]
+    #[arg(long, global = true, env = "KILN_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Hash(hash::Args),
+    Render(render::Args),
+}
+
+/// What every subcommand gets: the global flags, the output, and lazily the
+/// project config and an AWS connection.
+pub struct Ctx {
+    pub global: GlobalArgs,
+    pub ui: Ui,
+    config: Option<Config>,
+}
+
+impl Ctx {
+    pub fn new(global: GlobalArgs) -> Ctx {
+        let ui = Ui::new(global.output);
+        Ctx {
+            global,
+            ui,
+            config: None,
+        }
+    }
+
+    /// The project config (kiln.toml), read on first use.
+    pub fn config(&mut self) -> Result<&Config> {
+        if self.config.is_none() {
+            let cwd = std::env::current_dir()
+                .map_err(|e| Error::io("cannot read the current directory", e))?;
+            self.config = Some(Config::load(self.global.config.as_deref(), &cwd)?);
+        }
+        Ok(self.config.as_ref().expect("just set"))
+    }
+
+    /// Connects to AWS in the selected region; fails early, with the fix, when no
+    /// region or credentials are configured.
+    pub async fn aws(&mut self) -> Result<Aws> {
+        let file = self.config()?.file.clone();
+        let settings = AwsSettings {
+            region: self.global.region.clone(),
+            profile: self.global.profile.clone(),
+            default_region: file.region,
+            default_profile: file.profile,
+            default_endpoint_url: file.endpoint_url,
+        };
+        Ok(Aws::connect(&settings).await?)
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let mut ctx = Ctx::new(cli.global);
+    match cli.command {
+        Command::Hash(args) => hash::run(&mut ctx, args).await,
+        Command::Render(args) => render::run(&mut ctx, args).await,
+    }
+}
+
+/// `--var name=value`
+pub fn parse_var(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}

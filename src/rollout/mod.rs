@@ -1,0 +1,1 @@
+//! Rolling an auto-scaling group onto an image by replacing its instances.
