@@ -68,9 +68,7 @@ impl Ui {
             } else {
                 "{spinner} {msg} [{elapsed}]"
             };
-            bar.set_style(
-                ProgressStyle::with_template(style).expect("static progress template"),
-            );
+            bar.set_style(ProgressStyle::with_template(style).expect("static progress template"));
             bar.set_message(msg.clone());
             bar.enable_steady_tick(Duration::from_millis(120));
             Some(bar)
@@ -129,9 +127,8 @@ impl Step {
                 fmt_duration(elapsed)
             )
         };
-        match self.bar.take() {
-            Some(bar) => bar.finish_and_clear(),
-            None => {}
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
         }
         if !self.quiet {
             eprintln!("{line}");
