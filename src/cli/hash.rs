@@ -55,7 +55,9 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
         }
         None => {
             let aws = ctx.aws().await?;
-            let step = ctx.ui.step(format!("resolving base image in {}", aws.region()));
+            let step = ctx
+                .ui
+                .step(format!("resolving base image in {}", aws.region()));
             match base::resolve(&aws, &prepared.recipe.file.base).await {
                 Ok(ami) => {
                     step.done(&ami);

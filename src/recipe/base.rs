@@ -21,7 +21,9 @@ pub enum BaseError {
         region: String,
         value: String,
     },
-    #[error("base image: SSM parameter {name} does not exist in {region}; check base.ssm_parameter")]
+    #[error(
+        "base image: SSM parameter {name} does not exist in {region}; check base.ssm_parameter"
+    )]
     NoParameter { name: String, region: String },
     #[error(transparent)]
     Aws(#[from] AwsError),
@@ -31,9 +33,9 @@ impl BaseError {
     /// A base image that does not exist is the recipe's problem to fix.
     pub fn is_input(&self) -> bool {
         match self {
-            BaseError::NoMatch { .. } | BaseError::NotAnAmi { .. } | BaseError::NoParameter { .. } => {
-                true
-            }
+            BaseError::NoMatch { .. }
+            | BaseError::NotAnAmi { .. }
+            | BaseError::NoParameter { .. } => true,
             BaseError::Aws(e) => e.is_input(),
         }
     }

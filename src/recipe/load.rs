@@ -145,18 +145,15 @@ impl Recipe {
             }
             (None, Some(a)) => {
                 if a.package.is_empty() || a.version.is_empty() {
-                    return Err(self.invalid(
-                        "java.apt",
-                        "package and an exact version are both required",
-                    ));
+                    return Err(
+                        self.invalid("java.apt", "package and an exact version are both required")
+                    );
                 }
             }
-            _ => {
-                return Err(self.invalid(
-                    "java",
-                    "give exactly one of [java.tarball] (url, sha256) or [java.apt] (package, version)",
-                ))
-            }
+            _ => return Err(self.invalid(
+                "java",
+                "give exactly one of [java.tarball] (url, sha256) or [java.apt] (package, version)",
+            )),
         }
 
         let mut names = BTreeSet::new();
@@ -228,9 +225,8 @@ impl Recipe {
                 ));
             }
             if let Some(default) = &decl.default {
-                typed_value(decl.ty, default).map_err(|m| {
-                    self.invalid(format!("vars.{name}.default"), m)
-                })?;
+                typed_value(decl.ty, default)
+                    .map_err(|m| self.invalid(format!("vars.{name}.default"), m))?;
             }
         }
 
@@ -409,11 +405,12 @@ pub fn check_sha256(s: &str) -> Result<(), String> {
 
 fn check_dest(s: &str) -> Result<(), String> {
     let p = Path::new(s);
-    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) || s == "/"
-    {
+    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) || s == "/" {
         return Err(format!("{s:?} must be an absolute path without '..'"));
     }
-    if s.chars().any(|c| c.is_whitespace() || c.is_control() || "'\"$`\\".contains(c)) {
+    if s.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || "'\"$`\\".contains(c))
+    {
         return Err(format!(
             "{s:?} contains whitespace, quotes or shell characters; use a plain path"
         ));
@@ -431,8 +428,7 @@ fn check_mode(s: &str) -> Result<(), String> {
 
 fn is_simple_name(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !s.starts_with('.')
 }

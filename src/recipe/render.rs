@@ -95,11 +95,7 @@ pub fn context(
             .map(|r| FileCtx {
                 dest: r.dest.clone(),
                 mode: r.mode.clone(),
-                staged: format!(
-                    "{}/{}",
-                    kiln.staging_dir,
-                    bundle_path_for(&r.dest)
-                ),
+                staged: format!("{}/{}", kiln.staging_dir, bundle_path_for(&r.dest)),
             })
             .collect(),
         vars: vars.clone(),

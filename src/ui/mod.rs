@@ -68,9 +68,7 @@ impl Ui {
             } else {
                 "{spinner} {msg} [{elapsed}]"
             };
-            bar.set_style(
-                ProgressStyle::with_template(style).expect("static progress template"),
-            );
+            bar.set_style(ProgressStyle::with_template(style).expect("static progress template"));
             bar.set_message(msg.clone());
             bar.enable_steady_tick(Duration::from_millis(120));
             Some(bar)
