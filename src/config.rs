@@ -21,7 +21,7 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}:{line}:{col}: {message}")]
+    #[error("{path}:{line}:{col}: {message}; fix the file there (README.md, \"Configuration\")")]
     Parse {
         path: PathBuf,
         line: usize,

@@ -8,8 +8,10 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = kiln::cli::Cli::parse();
     let filter = match cli.global.verbose {
-        0 => "warn",
-        1 => "warn,kiln=debug",
+        // The SDK logs provider fallbacks as warnings; kiln's own errors say what
+        // failed and how to fix it, so the SDK is heard from only with -vv.
+        0 => "error,kiln=warn",
+        1 => "error,kiln=debug",
         2 => "info,kiln=debug",
         _ => "debug,kiln=trace",
     };

@@ -18,7 +18,7 @@ pub enum RecipeError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}:{line}:{col}: {message}")]
+    #[error("{path}:{line}:{col}: {message}; fix the recipe there (README.md, \"Recipe format\")")]
     Parse {
         path: PathBuf,
         line: usize,

@@ -157,6 +157,10 @@ impl Manifest {
             format!("kiln-manifest {MANIFEST_VERSION}"),
             format!("format {FORMAT_VERSION}"),
             format!("image {}", recipe.name),
+            // The recipe file itself, byte for byte: smoke tests, builder settings
+            // and even comments are inputs. Conservative on purpose: an edit
+            // costs a bake, never a wrongly reused image.
+            format!("recipe sha256={}", recipe.sha256),
             format!("base-ami {base_ami}"),
         ];
         let java = &recipe.file.java;

@@ -18,6 +18,8 @@ pub struct Recipe {
     pub dir: PathBuf,
     /// `<root>/images/<name>/image.toml`.
     pub path: PathBuf,
+    /// sha256 of image.toml's bytes.
+    pub sha256: String,
     pub file: RecipeFile,
 }
 
@@ -69,6 +71,7 @@ impl Recipe {
             root,
             dir,
             path,
+            sha256: super::hash::sha256_bytes(text.as_bytes()),
             file,
         };
         recipe.validate()?;

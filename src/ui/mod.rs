@@ -127,9 +127,8 @@ impl Step {
                 fmt_duration(elapsed)
             )
         };
-        match self.bar.take() {
-            Some(bar) => bar.finish_and_clear(),
-            None => {}
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
         }
         if !self.quiet {
             eprintln!("{line}");
