@@ -207,10 +207,10 @@ mod tests {
     fn fleet() -> Vec<ImageVersion> {
         vec![
             version(3, "cc33", true, "available"),
-            version(1, "aa11", true, "available"),
+            version(1, "aaaa11", true, "available"),
             version(5, "ee55", false, "available"), // never passed its boot test
             version(4, "dd44", true, "pending"),    // still copying
-            version(2, "aa22", true, "available"),
+            version(2, "aaaa22", true, "available"),
         ]
     }
 
@@ -277,35 +277,28 @@ mod tests {
             5,
             "an explicit version may name an untested one"
         );
-        assert_eq!(
-            r("web@sha256:cc3").ok(),
-            None,
-            "prefix too short is a parse error"
+        assert!(
+            parse_ref("web@sha256:cc3").is_err(),
+            "a prefix under 4 digits is a parse error"
         );
         assert_eq!(r("web@sha256:cc33").unwrap(), 3);
         assert!(r("web@9")
             .unwrap_err()
             .to_string()
             .contains("kiln images web"));
-        assert_eq!(r(&"ami-00000000000000003".to_string()).unwrap(), 3);
+        assert_eq!(r("ami-00000000000000003").unwrap(), 3);
     }
 
     #[test]
     fn ambiguous_hash_prefix_lists_the_candidates() {
         let f = fleet();
-        let err = select(
-            &f,
-            &parse_ref("web@sha256:aa").unwrap_or(ImageRef::Hash {
-                image: "web".into(),
-                prefix: "aa".into(),
-            }),
-            "us-east-1",
-        )
-        .unwrap_err();
+        let err = select(&f, &parse_ref("web@sha256:aaaa").unwrap(), "us-east-1").unwrap_err();
+        assert!(matches!(err, RegistryError::Ambiguous { .. }), "{err}");
         assert!(
             err.to_string().contains("1, 2") || err.to_string().contains("2, 1"),
             "{err}"
         );
+        assert!(select(&f, &parse_ref("web@sha256:aaaa2").unwrap(), "us-east-1").is_ok());
     }
 
     #[test]
