@@ -807,6 +807,8 @@ async fn forward(
     let had_length = headers.contains_key(header::CONTENT_LENGTH)
         || headers.contains_key(header::TRANSFER_ENCODING);
     strip_hop_by_hop(&mut headers);
+    // The client already sent the whole body to the proxy; moto need not ask.
+    headers.remove(header::EXPECT);
     // The body was collected whole; say how long it is instead of re-chunking.
     if had_length || !body.is_empty() {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
