@@ -286,12 +286,19 @@ async fn mutating_calls_are_counted_whether_forwarded_or_faulted() {
         .expect("GetObject");
     let body = got.body.collect().await.expect("object body").into_bytes();
     assert_eq!(&body[..], b"hello", "bodies pass through unchanged");
-    assert_eq!(proxy.mutating_calls(), 4, "{}", proxy.summary());
+    s3.delete_object()
+        .bucket(&bucket)
+        .key("a/b.txt")
+        .send()
+        .await
+        .expect("DeleteObject (204, no body)");
+    assert_eq!(proxy.mutating_calls(), 5, "{}", proxy.summary());
     for op in [
         "s3:CreateBucket",
         "s3:PutObject",
         "s3:HeadObject",
         "s3:GetObject",
+        "s3:DeleteObject",
     ] {
         assert_eq!(
             proxy.count(op),

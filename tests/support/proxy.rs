@@ -744,9 +744,12 @@ async fn handle(
                 shared.state().calls.push(call);
                 return reset_connection(&control).await;
             }
-            if head_request && !call.rewritten {
-                // A HEAD answer has no body but keeps the length moto announced.
-            } else if !head.headers.contains_key(header::CONTENT_LENGTH) {
+            let bodiless = head.status == StatusCode::NO_CONTENT
+                || head.status == StatusCode::NOT_MODIFIED
+                || (head_request && !call.rewritten);
+            // A HEAD answer has no body but keeps the length moto announced; 204 and
+            // 304 must not carry a length at all.
+            if !bodiless && !head.headers.contains_key(header::CONTENT_LENGTH) {
                 head.headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
             }
