@@ -77,6 +77,8 @@ impl Dedicated {
             .spawn()
             .expect("start moto_server");
         let lifeline = child.stdin.take().unwrap();
+        // The watchdog outlives this handle on purpose (see the struct's doc).
+        std::mem::forget(child);
         let deadline = Instant::now() + Duration::from_secs(90);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -714,7 +716,8 @@ fn a_failed_boot_test_deregisters_the_image_and_deletes_its_snapshots() {
 fn bad_input_is_reported_before_anything_is_created() {
     let env = setup();
     let image = moto::unique("web");
-    let cases: Vec<(&str, Box<dyn Fn(&Project)>, &str)> = vec![
+    type Break = Box<dyn Fn(&Project)>;
+    let cases: Vec<(&str, Break, &str)> = vec![
         (
             "bucket",
             Box::new(|p: &Project| {
@@ -810,6 +813,7 @@ fn a_throttled_slow_bake_completes_with_the_same_result() {
     );
     let out = json(&run);
     assert_eq!(out["version"], 1);
+    assert_eq!(out["base_ami"], TRUSTY_NEWEST);
     assert_eq!(
         amis(moto::REGION, &image).len(),
         1,
