@@ -6,6 +6,7 @@
 //! then the AWS shared config of the chosen profile.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -76,6 +77,42 @@ pub struct BakeConfig {
     /// Security group for the builder; a temporary one with no inbound rules is
     /// created (and deleted) when absent.
     pub security_group: Option<String>,
+    /// How long temporary resources (builder, boot-test instance, temporary
+    /// security group) live before `kiln gc` may remove them, e.g. "3h". Longer
+    /// than the longest bake. Default 3h.
+    pub ttl: Option<String>,
+    /// Longest wait for a new AMI or a copy to become available, e.g. "40m".
+    /// A timeout keeps the image; the next bake finds it and waits again.
+    pub image_timeout: Option<String>,
+    /// Longest wait for the builder's SSM agent to accept a command. Default 10m.
+    pub agent_timeout: Option<String>,
+    /// Longest provisioning run (the script's execution timeout). Default 60m.
+    pub provision_timeout: Option<String>,
+}
+
+impl BakeConfig {
+    fn duration(value: &Option<String>, default: Duration) -> Duration {
+        value
+            .as_deref()
+            .and_then(|v| humantime::parse_duration(v).ok())
+            .unwrap_or(default)
+    }
+
+    pub fn ttl(&self) -> Duration {
+        Self::duration(&self.ttl, Duration::from_secs(3 * 3600))
+    }
+
+    pub fn image_timeout(&self) -> Duration {
+        Self::duration(&self.image_timeout, Duration::from_secs(40 * 60))
+    }
+
+    pub fn agent_timeout(&self) -> Duration {
+        Self::duration(&self.agent_timeout, Duration::from_secs(10 * 60))
+    }
+
+    pub fn provision_timeout(&self) -> Duration {
+        Self::duration(&self.provision_timeout, Duration::from_secs(60 * 60))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -145,6 +182,25 @@ impl Config {
                     field: "endpoint_url",
                     message: format!("{url:?} is not an http(s) URL"),
                 });
+            }
+        }
+        let b = &self.file.bake;
+        for (field, value) in [
+            ("bake.ttl", &b.ttl),
+            ("bake.image_timeout", &b.image_timeout),
+            ("bake.agent_timeout", &b.agent_timeout),
+            ("bake.provision_timeout", &b.provision_timeout),
+        ] {
+            if let Some(v) = value {
+                if humantime::parse_duration(v).is_err() {
+                    return Err(ConfigError::Invalid {
+                        path: self.path.clone(),
+                        field,
+                        message: format!(
+                            "{v:?} is not a duration; write e.g. \"90s\", \"40m\" or \"3h\""
+                        ),
+                    });
+                }
             }
         }
         Ok(())

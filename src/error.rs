@@ -9,9 +9,11 @@
 //! | 130  | interrupted (Ctrl-C); temporary resources were cleaned up |
 
 use crate::aws::AwsError;
+use crate::bake::BakeError;
 use crate::config::ConfigError;
 use crate::recipe::base::BaseError;
 use crate::recipe::RecipeError;
+use crate::registry::RegistryError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -33,6 +35,10 @@ pub enum Error {
     Base(#[from] BaseError),
     #[error(transparent)]
     Aws(#[from] AwsError),
+    #[error(transparent)]
+    Bake(#[from] BakeError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     /// A flag or argument the parser could not check on its own.
     #[error("{0}")]
     Usage(String),
@@ -49,7 +55,14 @@ impl Error {
             Error::Config(_) | Error::Recipe(_) | Error::Usage(_) => exit::INPUT,
             Error::Base(e) if e.is_input() => exit::INPUT,
             Error::Aws(e) if e.is_input() => exit::INPUT,
-            Error::Base(_) | Error::Aws(_) | Error::Io { .. } => exit::FAILED,
+            Error::Bake(e) if e.is_interrupted() => exit::INTERRUPTED,
+            Error::Bake(e) if e.is_input() => exit::INPUT,
+            Error::Registry(e) if e.is_input() => exit::INPUT,
+            Error::Base(_)
+            | Error::Aws(_)
+            | Error::Bake(_)
+            | Error::Registry(_)
+            | Error::Io { .. } => exit::FAILED,
         }
     }
 

@@ -5,10 +5,12 @@
 //! the error to an exit code ([`error::Error::exit_code`]).
 
 pub mod aws;
+pub mod bake;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod recipe;
+pub mod registry;
 pub mod rollout;
 pub mod ui;
 

@@ -1,3 +1,9 @@
-//! All integration tests, in one binary: one link of the AWS SDK.
+//! All integration tests, in one binary: one link of the AWS SDK, one moto server
+//! per test process (see `support::moto`). Add a `mod` line per test file.
 
+mod support;
+
+mod bake;
+mod base_image;
+mod harness;
 mod recipe;

@@ -1,7 +1,10 @@
 //! The command line: global flags, one module per subcommand (an `Args` struct
 //! whose doc comments are the help text, and a `run` function).
 
+pub mod bake;
+pub mod gc;
 pub mod hash;
+pub mod images;
 pub mod render;
 
 use std::path::PathBuf;
@@ -37,9 +40,11 @@ pub struct Cli {
 
 #[derive(Debug, clap::Args)]
 pub struct GlobalArgs {
-    /// AWS region [default: AWS_REGION, then kiln.toml `region`, then the profile's]
-    #[arg(long, global = true, value_name = "REGION")]
-    pub region: Option<String>,
+    /// AWS region [default: AWS_REGION, then kiln.toml `region`, then the profile's].
+    /// `bake`, `images` and `gc` take it more than once: the first region is where
+    /// images are built, the others hold copies
+    #[arg(long, global = true, value_name = "REGION", action = clap::ArgAction::Append)]
+    pub region: Vec<String>,
     /// AWS profile from ~/.aws/config [default: AWS_PROFILE, then kiln.toml `profile`]
     #[arg(long, global = true, value_name = "NAME")]
     pub profile: Option<String>,
@@ -58,6 +63,9 @@ pub struct GlobalArgs {
 pub enum Command {
     Hash(hash::Args),
     Render(render::Args),
+    Bake(bake::Args),
+    Images(images::Args),
+    Gc(gc::Args),
 }
 
 /// What every subcommand gets: the global flags, the output, and lazily the
@@ -93,7 +101,7 @@ impl Ctx {
     pub async fn aws(&mut self) -> Result<Aws> {
         let file = self.config()?.file.clone();
         let settings = AwsSettings {
-            region: self.global.region.clone(),
+            region: self.global.region.first().cloned(),
             profile: self.global.profile.clone(),
             default_region: file.region,
             default_profile: file.profile,
@@ -101,13 +109,46 @@ impl Ctx {
         };
         Ok(Aws::connect(&settings).await?)
     }
+
+    /// The regions a multi-region command works on: every `--region` given (the
+    /// first is home), else `aws`'s region followed by kiln.toml's
+    /// `[bake] copy_regions`. Duplicates are dropped, order kept.
+    pub fn regions(&mut self, aws: &Aws) -> Result<Vec<String>> {
+        let mut out: Vec<String> = if self.global.region.is_empty() {
+            let mut v = vec![aws.region().to_string()];
+            v.extend(self.config()?.file.bake.copy_regions.iter().cloned());
+            v
+        } else {
+            self.global.region.clone()
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        out.retain(|r| seen.insert(r.clone()));
+        Ok(out)
+    }
+
+    /// Commands that work in one region refuse a repeated `--region`.
+    pub fn single_region(&self) -> Result<()> {
+        if self.global.region.len() > 1 {
+            return Err(Error::Usage(format!(
+                "--region was given {} times; only bake, images and gc work on several regions",
+                self.global.region.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
     let mut ctx = Ctx::new(cli.global);
     match cli.command {
-        Command::Hash(args) => hash::run(&mut ctx, args).await,
+        Command::Hash(args) => {
+            ctx.single_region()?;
+            hash::run(&mut ctx, args).await
+        }
         Command::Render(args) => render::run(&mut ctx, args).await,
+        Command::Bake(args) => bake::run(&mut ctx, args).await,
+        Command::Images(args) => images::run(&mut ctx, args).await,
+        Command::Gc(args) => gc::run(&mut ctx, args).await,
     }
 }
 
