@@ -5,3 +5,4 @@ mod support;
 
 mod base_image;
 mod harness;
+mod rollout_sim;
