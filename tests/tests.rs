@@ -7,3 +7,4 @@ mod bake;
 mod base_image;
 mod harness;
 mod recipe;
+mod rollout_sim;

@@ -69,12 +69,18 @@ static SCRATCH: OnceLock<Scratch> = OnceLock::new();
 static MOTO: OnceLock<Moto> = OnceLock::new();
 
 /// The watchdog: `$1` scratch folder, then the server command, if any.
+///
+/// It ignores SIGINT/SIGTERM/SIGHUP (set after starting moto, which would inherit
+/// them): Ctrl-C or a signal to the whole process group then still ends with the
+/// cleanup, once the test process is gone. Only SIGKILL can leak the folder,
+/// which the next run sweeps up ([`sweep_stale_scratch`]).
 const WATCHDOG: &str = r#"
 dir=$1; shift
 if [ $# -gt 0 ]; then
     "$@" >"$dir/moto.log" 2>&1 </dev/null &
     server=$!
 fi
+trap '' INT TERM HUP
 cat >/dev/null
 if [ -n "$server" ]; then
     kill "$server" 2>/dev/null
@@ -102,6 +108,7 @@ fn scratch() -> &'static Scratch {
 }
 
 fn start_watchdog(server: &[String]) -> Scratch {
+    sweep_stale_scratch();
     let dir = std::env::temp_dir().join(format!("kiln-tests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
     std::fs::write(dir.join("amis.json"), AMIS_JSON).expect("write amis.json");
@@ -126,6 +133,30 @@ fn start_watchdog(server: &[String]) -> Scratch {
     Scratch {
         dir,
         _lifeline: lifeline,
+    }
+}
+
+/// Remove `kiln-tests-<pid>` folders of test processes that no longer exist (a
+/// SIGKILLed watchdog cannot clean up). Only where `/proc` tells which exist.
+fn sweep_stale_scratch() {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("kiln-tests-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
