@@ -5,6 +5,7 @@ pub mod bake;
 pub mod gc;
 pub mod hash;
 pub mod images;
+pub mod prune;
 pub mod render;
 
 use std::path::PathBuf;
@@ -66,6 +67,7 @@ pub enum Command {
     Bake(bake::Args),
     Images(images::Args),
     Gc(gc::Args),
+    Prune(prune::Args),
 }
 
 /// What every subcommand gets: the global flags, the output, and lazily the
@@ -149,6 +151,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Bake(args) => bake::run(&mut ctx, args).await,
         Command::Images(args) => images::run(&mut ctx, args).await,
         Command::Gc(args) => gc::run(&mut ctx, args).await,
+        Command::Prune(args) => prune::run(&mut ctx, args).await,
     }
 }
 
