@@ -6,4 +6,5 @@ mod support;
 mod bake;
 mod base_image;
 mod harness;
+mod lifecycle;
 mod recipe;

@@ -204,6 +204,9 @@ pub enum Lookup<'a> {
     Ids(&'a [String]),
 }
 
+/// DescribeImages page size (EC2's maximum).
+const DESCRIBE_IMAGES_PAGE: i32 = 1000;
+
 /// kiln AMIs owned by this account in `aws`'s region: one DescribeImages call
 /// (paginated), filtered server-side by tag. Deregistered images are gone from
 /// the answer, so this is what exists now.
@@ -225,6 +228,11 @@ pub async fn list_amis(aws: &Aws, lookup: Lookup<'_>) -> Result<Vec<Ami>, AwsErr
         ),
         Lookup::Ids(ids) => req.set_image_ids(Some(ids.to_vec())),
     };
+    if !matches!(lookup, Lookup::Ids(_)) {
+        // Without MaxResults AWS answers one unbounded page; with it, pages of
+        // at most this many (EC2 refuses MaxResults together with ImageIds).
+        req = req.max_results(DESCRIBE_IMAGES_PAGE);
+    }
     let mut out = Vec::new();
     let mut pages = req.into_paginator().send();
     while let Some(page) = pages.next().await {
