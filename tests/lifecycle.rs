@@ -546,3 +546,142 @@ fn promote_sets_a_channel_that_refs_resolve_and_channels_lists_with_history() {
         )
         .expect_code(2);
 }
+
+/// Two real bakes (the second after a one-byte template change): `kiln diff`
+/// names the rendered upstart file and nothing else, from the manifests the
+/// bakes recorded with their version claims.
+#[test]
+fn diff_shows_the_template_change_between_two_bakes() {
+    use crate::bake::{bake, project, setup};
+    let env = setup();
+    let image = moto::unique("web");
+    let p = project(&env, &image, "");
+    bake(&p, moto::endpoint(), &image, &[]).expect_ok();
+    let upstart = p.root().join("templates/trusty/upstart.conf.tera");
+    let mut text = std::fs::read_to_string(&upstart).unwrap();
+    text.push_str("# one more line\n");
+    std::fs::write(&upstart, text).unwrap();
+    bake(&p, moto::endpoint(), &image, &[]).expect_ok();
+
+    let d = p.kiln(
+        moto::endpoint(),
+        &[
+            "diff",
+            &format!("{image}@1"),
+            &format!("{image}@2"),
+            "--output",
+            "json",
+        ],
+    );
+    d.expect_ok();
+    let report = json(&d);
+    assert_eq!(report["from"]["manifest_recorded"], true, "{d}");
+    let changes = report["changes"].as_array().unwrap();
+    assert_eq!(
+        changes.len(),
+        1,
+        "only the rendered upstart job changed\n{d}"
+    );
+    assert_eq!(changes[0]["kind"], "file", "{d}");
+    assert!(
+        changes[0]["key"].as_str().unwrap().contains("web.conf")
+            || changes[0]["key"].as_str().unwrap().contains("upstart"),
+        "{d}"
+    );
+    assert!(
+        report["packages"].is_null(),
+        "moto's SSM returns no output\n{d}"
+    );
+
+    let human = p.kiln(
+        moto::endpoint(),
+        &["diff", &format!("{image}@1"), &format!("{image}@latest")],
+    );
+    human.expect_ok();
+    assert!(human.stdout.contains("changed file "), "{human}");
+    let same = p.kiln(
+        moto::endpoint(),
+        &["diff", &format!("{image}@2"), &format!("{image}@latest")],
+    );
+    assert!(same.stdout.contains("nothing changed"), "{same}");
+}
+
+/// An instance attached to a group off its launch template's image is drift,
+/// named with the kiln version it runs; a group whose template names a
+/// deregistered image is reported; a clean group is not; exit codes follow.
+#[test]
+fn drift_finds_a_mismatched_instance_and_a_template_on_a_missing_image() {
+    let ep = moto::endpoint();
+    let image = moto::unique("drift");
+    let reg = rt().block_on(register(ep, EAST, &image, 1..=3));
+    let (clean, drifted, orphan) = (
+        moto::unique("clean"),
+        moto::unique("drifted"),
+        moto::unique("orphan"),
+    );
+    let stray = rt().block_on(async {
+        let t = launch_template(ep, &moto::unique("lt"), &[&reg[&2].ami]).await;
+        asg(ep, &clean, &t, 2).await;
+        asg(ep, &drifted, &t, 1).await;
+        // Launched by hand from web@1 and attached: not what the template says.
+        let ec2 = aws_sdk_ec2::Client::new(&moto::sdk_config_in(ep, EAST).await);
+        let stray = ec2
+            .run_instances()
+            .image_id(&reg[&1].ami)
+            .min_count(1)
+            .max_count(1)
+            .placement(
+                aws_sdk_ec2::types::Placement::builder()
+                    .availability_zone(format!("{EAST}a"))
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .instances()[0]
+            .instance_id()
+            .unwrap()
+            .to_string();
+        let autoscaling = aws_sdk_autoscaling::Client::new(&moto::sdk_config_in(ep, EAST).await);
+        autoscaling
+            .attach_instances()
+            .auto_scaling_group_name(&drifted)
+            .instance_ids(&stray)
+            .send()
+            .await
+            .unwrap();
+        // A template on web@3, which is then deregistered.
+        let t3 = launch_template(ep, &moto::unique("lt3"), &[&reg[&3].ami]).await;
+        asg(ep, &orphan, &t3, 0).await;
+        ec2.deregister_image()
+            .image_id(&reg[&3].ami)
+            .send()
+            .await
+            .unwrap();
+        stray
+    });
+    let project = Project::new();
+
+    let ok = project.kiln(ep, &["drift", &clean]);
+    ok.expect_ok();
+    assert!(ok.stdout.contains("no drift in 1 group"), "{ok}");
+
+    let d = project.kiln(ep, &["drift", &drifted, "--output", "json"]);
+    d.expect_code(1);
+    let report = json(&d);
+    let g = &report["groups"][0];
+    assert_eq!(g["instances"], 2, "{d}");
+    let found = g["drifted"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{d}");
+    assert_eq!(found[0]["instance"], stray.as_str(), "{d}");
+    assert_eq!(found[0]["image"]["kiln"], format!("{image}@1"), "{d}");
+    assert_eq!(found[0]["expected"][0], reg[&2].ami.as_str(), "{d}");
+
+    let o = project.kiln(ep, &["drift", &orphan]);
+    o.expect_code(1);
+    assert!(o.stdout.contains("deregistered or missing"), "{o}");
+
+    project
+        .kiln(ep, &["drift", &moto::unique("no-such-group")])
+        .expect_code(2);
+}

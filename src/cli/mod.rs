@@ -3,6 +3,8 @@
 
 pub mod bake;
 pub mod channels;
+pub mod diff;
+pub mod drift;
 pub mod gc;
 pub mod hash;
 pub mod images;
@@ -73,6 +75,8 @@ pub enum Command {
     Prune(prune::Args),
     Promote(promote::Args),
     Channels(channels::Args),
+    Drift(drift::Args),
+    Diff(diff::Args),
 }
 
 /// What every subcommand gets: the global flags, the output, and lazily the
@@ -159,6 +163,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Prune(args) => prune::run(&mut ctx, args).await,
         Command::Promote(args) => promote::run(&mut ctx, args).await,
         Command::Channels(args) => channels::run(&mut ctx, args).await,
+        Command::Drift(args) => drift::run(&mut ctx, args).await,
+        Command::Diff(args) => diff::run(&mut ctx, args).await,
     }
 }
 
