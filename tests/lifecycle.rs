@@ -260,12 +260,12 @@ fn prune_keeps_newest_in_use_templated_and_channelled_versions_in_two_regions() 
     let report = json(&dry);
     assert_eq!(versions_in(&report, "delete"), expected, "{dry}");
     assert_eq!(
-        versions_in(&report, "keep"),
+        versions_in(&report, "kept"),
         [3, 5, 6, 7, 10, 11, 12].into(),
         "{dry}"
     );
     let reasons = |v: u64| -> Vec<String> {
-        report["keep"]
+        report["kept"]
             .as_array()
             .unwrap()
             .iter()
@@ -360,7 +360,7 @@ fn prune_keeps_newest_in_use_templated_and_channelled_versions_in_two_regions() 
 }
 
 fn human_reason_of_3(report: &Value) -> String {
-    let k = report["keep"]
+    let k = report["kept"]
         .as_array()
         .unwrap()
         .iter()
@@ -684,4 +684,39 @@ fn drift_finds_a_mismatched_instance_and_a_template_on_a_missing_image() {
     project
         .kiln(ep, &["drift", &moto::unique("no-such-group")])
         .expect_code(2);
+}
+
+/// The rollout-history seam: any `ami-…` in any parameter under
+/// `/kiln/rollout/`, whatever its JSON shape, keeps that version.
+#[test]
+fn prune_keeps_versions_mentioned_in_rollout_history() {
+    let ep = moto::endpoint();
+    let image = moto::unique("hist");
+    let reg = rt().block_on(register(ep, EAST, &image, 1..=3));
+    let group = moto::unique("web-prod");
+    rt().block_on(async {
+        let ssm = aws_sdk_ssm::Client::new(&moto::sdk_config(ep).await);
+        ssm.put_parameter()
+            .name(format!("/kiln/rollout/{group}/history"))
+            .value(format!(
+                r#"{{"entries":[{{"to":{{"ami":"{}"}},"outcome":"completed"}}]}}"#,
+                reg[&1].ami
+            ))
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .send()
+            .await
+            .unwrap();
+    });
+    let run = Project::new().kiln(ep, &["prune", &image, "--keep", "1", "--output", "json"]);
+    run.expect_ok();
+    let report = json(&run);
+    assert_eq!(versions_in(&report, "delete"), [2].into(), "{run}");
+    let kept = report["kept"].as_array().unwrap();
+    let v1 = kept.iter().find(|k| k["version"] == 1).unwrap();
+    assert_eq!(v1["reasons"][0]["kind"], "rollout-history", "{run}");
+    assert_eq!(
+        v1["reasons"][0]["parameter"],
+        format!("/kiln/rollout/{group}/history"),
+        "{run}"
+    );
 }

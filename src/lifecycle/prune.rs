@@ -209,6 +209,7 @@ pub struct Target {
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
     pub delete: Vec<Doomed>,
+    #[serde(rename = "kept")]
     pub keep: Vec<Kept>,
 }
 
