@@ -11,6 +11,7 @@
 use crate::aws::AwsError;
 use crate::bake::BakeError;
 use crate::config::ConfigError;
+use crate::lifecycle::LifecycleError;
 use crate::recipe::base::BaseError;
 use crate::recipe::RecipeError;
 use crate::registry::RegistryError;
@@ -39,6 +40,8 @@ pub enum Error {
     Bake(#[from] BakeError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
     /// A flag or argument the parser could not check on its own.
     #[error("{0}")]
     Usage(String),
@@ -58,10 +61,12 @@ impl Error {
             Error::Bake(e) if e.is_interrupted() => exit::INTERRUPTED,
             Error::Bake(e) if e.is_input() => exit::INPUT,
             Error::Registry(e) if e.is_input() => exit::INPUT,
+            Error::Lifecycle(e) if e.is_input() => exit::INPUT,
             Error::Base(_)
             | Error::Aws(_)
             | Error::Bake(_)
             | Error::Registry(_)
+            | Error::Lifecycle(_)
             | Error::Io { .. } => exit::FAILED,
         }
     }

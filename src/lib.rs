@@ -9,6 +9,7 @@ pub mod bake;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod lifecycle;
 pub mod recipe;
 pub mod registry;
 pub mod rollout;

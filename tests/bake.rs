@@ -22,7 +22,7 @@ use crate::support::proxy::{replace_all, Proxy};
 const COPY_REGION: &str = "eu-west-1";
 
 /// What a test bakes in: a bucket, an instance profile and a subnet in moto.
-struct Env {
+pub(crate) struct Env {
     bucket: String,
     profile: String,
     subnet: String,
@@ -101,7 +101,7 @@ async fn sdk(region: &str) -> aws_config::SdkConfig {
         .await
 }
 
-fn setup() -> Env {
+pub(crate) fn setup() -> Env {
     rt().block_on(async {
         let conf = sdk(moto::REGION).await;
         let bucket = moto::unique("kiln-artifacts");
@@ -153,7 +153,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// A project holding the repo's `images/web` as `images/<name>` and the repo's
 /// templates, with `[bake]` pointing at `env` plus `extra` lines.
-fn project(env: &Env, name: &str, extra: &str) -> Project {
+pub(crate) fn project(env: &Env, name: &str, extra: &str) -> Project {
     let p = Project::new();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     copy_dir(&repo.join("templates"), &p.root().join("templates"));
@@ -308,7 +308,7 @@ fn groups(image: &str) -> Vec<String> {
     })
 }
 
-fn bake(p: &Project, endpoint: &str, image: &str, extra: &[&str]) -> Run {
+pub(crate) fn bake(p: &Project, endpoint: &str, image: &str, extra: &[&str]) -> Run {
     let mut args = vec!["--output", "json", "bake", image];
     args.extend_from_slice(extra);
     p.kiln(endpoint, &args)

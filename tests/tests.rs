@@ -6,5 +6,6 @@ mod support;
 mod bake;
 mod base_image;
 mod harness;
+mod lifecycle;
 mod recipe;
 mod rollout_sim;

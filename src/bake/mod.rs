@@ -424,6 +424,9 @@ async fn pipeline(
                     java: outcome.java.clone(),
                     run_id: run_id.clone(),
                     claimed_at: rfc3339(SystemTime::now()),
+                    // Recorded with the claim, for `kiln diff`: no extra call.
+                    manifest: req.prepared.manifest(&req.base_ami).lines,
+                    packages: None,
                 },
                 &with_ami,
             )

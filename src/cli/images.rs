@@ -9,8 +9,8 @@ use crate::Result;
 /// List baked versions of an image (or of every image), or resolve one ref.
 ///
 /// A ref names one version: web@7, web@latest (newest ready), web@previous
-/// (the ready one before it), web@sha256:<4+ hex digits of the content hash>, or
-/// an AMI id. Regions: every --region given, else the default region plus
+/// (the ready one before it), web@sha256:<4+ hex digits of the content hash>,
+/// web@prod (a channel set by `kiln promote`), or an AMI id. Regions: every --region given, else the default region plus
 /// kiln.toml's `[bake] copy_regions`; latest and previous are judged in the first.
 ///
 /// Examples:
@@ -46,7 +46,9 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     let home = aws.in_region(&regions[0]);
     if let Some(r) = reference {
         let v = match &r {
-            ImageRef::Ami(_) => registry::resolve_ref(&home, &r.to_string()).await?,
+            ImageRef::Ami(_) | ImageRef::Channel { .. } => {
+                registry::resolve_ref(&home, &r.to_string()).await?
+            }
             _ => {
                 let all = registry::list_versions(&aws, r.image(), &regions).await?;
                 registry::select(&all, &r, home.region())?.clone()

@@ -2,9 +2,14 @@
 //! whose doc comments are the help text, and a `run` function).
 
 pub mod bake;
+pub mod channels;
+pub mod diff;
+pub mod drift;
 pub mod gc;
 pub mod hash;
 pub mod images;
+pub mod promote;
+pub mod prune;
 pub mod render;
 
 use std::path::PathBuf;
@@ -41,8 +46,9 @@ pub struct Cli {
 #[derive(Debug, clap::Args)]
 pub struct GlobalArgs {
     /// AWS region [default: AWS_REGION, then kiln.toml `region`, then the profile's].
-    /// `bake`, `images` and `gc` take it more than once: the first region is where
-    /// images are built, the others hold copies
+    /// `bake`, `images`, `gc`, `prune`, `promote`, `channels` and `drift` take it
+    /// more than once: the first region is where images are built, the others
+    /// hold copies
     #[arg(long, global = true, value_name = "REGION", action = clap::ArgAction::Append)]
     pub region: Vec<String>,
     /// AWS profile from ~/.aws/config [default: AWS_PROFILE, then kiln.toml `profile`]
@@ -66,6 +72,11 @@ pub enum Command {
     Bake(bake::Args),
     Images(images::Args),
     Gc(gc::Args),
+    Prune(prune::Args),
+    Promote(promote::Args),
+    Channels(channels::Args),
+    Drift(drift::Args),
+    Diff(diff::Args),
 }
 
 /// What every subcommand gets: the global flags, the output, and lazily the
@@ -130,7 +141,7 @@ impl Ctx {
     pub fn single_region(&self) -> Result<()> {
         if self.global.region.len() > 1 {
             return Err(Error::Usage(format!(
-                "--region was given {} times; only bake, images and gc work on several regions",
+                "--region was given {} times; only bake, images, gc, prune, promote, channels and drift work on several regions",
                 self.global.region.len()
             )));
         }
@@ -149,6 +160,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Bake(args) => bake::run(&mut ctx, args).await,
         Command::Images(args) => images::run(&mut ctx, args).await,
         Command::Gc(args) => gc::run(&mut ctx, args).await,
+        Command::Prune(args) => prune::run(&mut ctx, args).await,
+        Command::Promote(args) => promote::run(&mut ctx, args).await,
+        Command::Channels(args) => channels::run(&mut ctx, args).await,
+        Command::Drift(args) => drift::run(&mut ctx, args).await,
+        Command::Diff(args) => diff::run(&mut ctx, args).await,
     }
 }
 

@@ -30,6 +30,41 @@ pub struct ClaimRecord {
     pub java: String,
     pub run_id: String,
     pub claimed_at: String,
+    /// The content-hash manifest's lines (recipe, base AMI, Java pin,
+    /// artifacts, rendered files), for `kiln diff`. Empty for versions baked
+    /// before it was recorded, or when it does not fit (see [`MAX_VALUE`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub manifest: Vec<String>,
+    /// The image's `dpkg-query -W` output, when the bake could read it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<Vec<String>>,
+}
+
+/// A standard parameter holds 4 KB and an advanced one 8 KB. A record over 4 KB
+/// is written with the Intelligent-Tiering tier (SSM picks advanced); one
+/// over 8 KB drops its manifest and package list, so a huge recipe costs
+/// `kiln diff` its detail, never a bake its version claim.
+const STANDARD_VALUE: usize = 4096;
+const MAX_VALUE: usize = 8192;
+
+/// The claim parameter's value and whether it needs the advanced tier.
+fn claim_value(record: &ClaimRecord) -> (String, bool) {
+    let value = serde_json::to_string(record).expect("claim records serialize");
+    if value.len() <= STANDARD_VALUE {
+        return (value, false);
+    }
+    if value.len() <= MAX_VALUE {
+        return (value, true);
+    }
+    let slim = ClaimRecord {
+        manifest: Vec::new(),
+        packages: None,
+        ..record.clone()
+    };
+    (
+        serde_json::to_string(&slim).expect("claim records serialize"),
+        false,
+    )
 }
 
 /// The outcome of a claim.
@@ -101,12 +136,16 @@ pub async fn claim_version(
             Next::Try(v) => v,
         };
         record.version = version;
-        let value = serde_json::to_string(&record).expect("claim records serialize");
-        let put = ssm
+        let (value, advanced) = claim_value(&record);
+        let mut put = ssm
             .put_parameter()
             .name(parameter_name(&record.image, version))
             .value(value)
-            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .r#type(aws_sdk_ssm::types::ParameterType::String);
+        if advanced {
+            put = put.tier(aws_sdk_ssm::types::ParameterTier::IntelligentTiering);
+        }
+        let put = put
             .description(format!(
                 "kiln: version {version} of image {} is content hash {}",
                 record.image, record.hash
@@ -178,6 +217,34 @@ pub async fn read_claims(aws: &Aws, image: &str) -> Result<BTreeMap<u64, String>
     Ok(out)
 }
 
+/// The claim record of a version, with its manifest when the bake recorded
+/// one; `None` when the version has no claim parameter.
+pub async fn read_claim(
+    aws: &Aws,
+    image: &str,
+    version: u64,
+) -> Result<Option<ClaimRecord>, AwsError> {
+    match aws
+        .ssm()
+        .get_parameter()
+        .name(parameter_name(image, version))
+        .send()
+        .await
+    {
+        Ok(out) => Ok(out
+            .parameter()
+            .and_then(|p| p.value())
+            .and_then(|v| serde_json::from_str(v).ok())),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_parameter_not_found()) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(AwsError::call("ssm", "GetParameter", aws.region(), e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +288,31 @@ mod tests {
             next_claim(&claims(&[(1, "a"), (2, "d")]), &with_ami, "d"),
             Next::Try(3)
         );
+    }
+
+    #[test]
+    fn an_oversized_manifest_is_dropped_rather_than_failing_the_claim() {
+        let record = |n: usize| ClaimRecord {
+            image: "web".into(),
+            version: 1,
+            hash: "ab".repeat(32),
+            base_ami: "ami-0f6b3c9d25e4a5c33".into(),
+            java: "1.8.0_422".into(),
+            run_id: "r".into(),
+            claimed_at: "2024-01-01T00:00:00Z".into(),
+            manifest: (0..n)
+                .map(|i| format!("file f{i} mode=0644 sha256={}", "c".repeat(64)))
+                .collect(),
+            packages: None,
+        };
+        let (small, adv) = claim_value(&record(3));
+        assert!(!adv && small.contains("file f2"));
+        let (mid, adv) = claim_value(&record(50));
+        assert!(adv && mid.contains("file f49"));
+        let (big, adv) = claim_value(&record(200));
+        assert!(!adv && !big.contains("file f0") && big.len() <= STANDARD_VALUE);
+        let back: ClaimRecord = serde_json::from_str(&big).unwrap();
+        assert!(back.manifest.is_empty());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! numbers are claimed in SSM Parameter Store (see [`claim`]) because AMI names
 //! are not a lock moto enforces.
 
+pub mod channel;
 pub mod claim;
 pub mod refs;
 
@@ -203,6 +204,9 @@ pub enum Lookup<'a> {
     Ids(&'a [String]),
 }
 
+/// DescribeImages page size (EC2's maximum).
+const DESCRIBE_IMAGES_PAGE: i32 = 1000;
+
 /// kiln AMIs owned by this account in `aws`'s region: one DescribeImages call
 /// (paginated), filtered server-side by tag. Deregistered images are gone from
 /// the answer, so this is what exists now.
@@ -224,6 +228,11 @@ pub async fn list_amis(aws: &Aws, lookup: Lookup<'_>) -> Result<Vec<Ami>, AwsErr
         ),
         Lookup::Ids(ids) => req.set_image_ids(Some(ids.to_vec())),
     };
+    if !matches!(lookup, Lookup::Ids(_)) {
+        // Without MaxResults AWS answers one unbounded page; with it, pages of
+        // at most this many (EC2 refuses MaxResults together with ImageIds).
+        req = req.max_results(DESCRIBE_IMAGES_PAGE);
+    }
     let mut out = Vec::new();
     let mut pages = req.into_paginator().send();
     while let Some(page) = pages.next().await {
@@ -262,44 +271,57 @@ pub async fn list_versions(
 }
 
 /// Resolves a ref (`web@7`, `web@latest`, `web@previous`, `web@sha256:…`,
-/// `ami-…`) to one version in `aws`'s region, with one DescribeImages call.
+/// `ami-…`, or a channel `web@prod`) to one version in `aws`'s region, with one
+/// DescribeImages call (a channel first reads its SSM parameter).
 /// The rollout uses `version.ami_in(aws.region())` as the AMI to launch.
 pub async fn resolve_ref(aws: &Aws, reference: &str) -> Result<ImageVersion, RegistryError> {
     let r = parse_ref(reference)?;
-    let amis = match &r {
-        ImageRef::Ami(id) => {
-            let found = list_amis(aws, Lookup::Ids(std::slice::from_ref(id)))
-                .await
-                .or_else(|e| {
-                    // An unknown id is an error answer, not an empty list.
-                    if e.code() == Some("InvalidAMIID.NotFound")
-                        || e.code() == Some("InvalidAMIID.Malformed")
-                    {
-                        Ok(Vec::new())
-                    } else {
-                        Err(e)
-                    }
-                })?;
-            match found.first() {
-                // The version's other regions are not needed to launch here.
-                Some(_) => found,
-                None => {
-                    return Err(RegistryError::NotFound {
-                        reference: reference.to_string(),
-                        region: aws.region().to_string(),
-                        why: format!("{id} is not an AMI kiln baked in this account"),
-                    })
-                }
-            }
+    if let ImageRef::Channel { image, channel } = &r {
+        let ami = channel::read(aws, image, channel).await?;
+        let v = resolve_ami(aws, reference, &ami).await?;
+        if v.image != *image {
+            return Err(RegistryError::NotFound {
+                reference: reference.to_string(),
+                region: aws.region().to_string(),
+                why: format!(
+                    "the channel points at {ami}, which is {}@{}, not an image of {image}",
+                    v.image, v.version
+                ),
+            });
         }
-        other => {
-            list_amis(
-                aws,
-                Lookup::Image(other.image().expect("named refs carry an image")),
-            )
-            .await?
-        }
-    };
+        return Ok(v);
+    }
+    if let ImageRef::Ami(id) = &r {
+        return resolve_ami(aws, reference, id).await;
+    }
+    let amis = list_amis(
+        aws,
+        Lookup::Image(r.image().expect("named refs carry an image")),
+    )
+    .await?;
     let versions = ImageVersion::from_amis(amis);
     select(&versions, &r, aws.region()).cloned()
+}
+
+/// The version one AMI id (in `aws`'s region) is.
+async fn resolve_ami(aws: &Aws, reference: &str, id: &str) -> Result<ImageVersion, RegistryError> {
+    let ids = [id.to_string()];
+    let found = list_amis(aws, Lookup::Ids(&ids)).await.or_else(|e| {
+        // An unknown id is an error answer, not an empty list.
+        if e.code() == Some("InvalidAMIID.NotFound") || e.code() == Some("InvalidAMIID.Malformed") {
+            Ok(Vec::new())
+        } else {
+            Err(e)
+        }
+    })?;
+    if found.is_empty() {
+        return Err(RegistryError::NotFound {
+            reference: reference.to_string(),
+            region: aws.region().to_string(),
+            why: format!("{id} is not an AMI kiln baked in this account"),
+        });
+    }
+    // The version's other regions are not needed to launch here.
+    let versions = ImageVersion::from_amis(found);
+    select(&versions, &ImageRef::Ami(id.to_string()), aws.region()).cloned()
 }

@@ -17,6 +17,9 @@ pub enum ImageRef {
     Hash { image: String, prefix: String },
     /// `ami-…`: one AMI id (kiln reads its tags to know the image and version).
     Ami(String),
+    /// `web@prod`: whatever AMI the channel parameter points at in the region
+    /// (`kiln promote web@7 --channel prod`).
+    Channel { image: String, channel: String },
 }
 
 impl std::fmt::Display for ImageRef {
@@ -27,6 +30,7 @@ impl std::fmt::Display for ImageRef {
             ImageRef::Previous { image } => write!(f, "{image}@previous"),
             ImageRef::Hash { image, prefix } => write!(f, "{image}@sha256:{prefix}"),
             ImageRef::Ami(id) => f.write_str(id),
+            ImageRef::Channel { image, channel } => write!(f, "{image}@{channel}"),
         }
     }
 }
@@ -38,7 +42,8 @@ impl ImageRef {
             ImageRef::Version { image, .. }
             | ImageRef::Latest { image }
             | ImageRef::Previous { image }
-            | ImageRef::Hash { image, .. } => Some(image),
+            | ImageRef::Hash { image, .. }
+            | ImageRef::Channel { image, .. } => Some(image),
             ImageRef::Ami(_) => None,
         }
     }
@@ -58,6 +63,27 @@ fn valid_image_name(s: &str) -> bool {
         && s.len() <= 64
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Whether `name` may name a promotion channel: it starts with a letter (so it
+/// is never a version number), uses letters, digits, '-' and '_', and is not one
+/// of the words a ref already gives a meaning to.
+pub fn valid_channel_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let starts_with_letter = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+    if name.is_empty() || name.len() > 64 || !ok_chars || !starts_with_letter {
+        return Err(format!(
+            "channel {name:?}: use 1 to 64 letters, digits, '-' and '_', starting with a letter"
+        ));
+    }
+    if matches!(name, "latest" | "previous" | "sha256") {
+        return Err(format!(
+            "channel {name:?}: {name} already means something in a ref (web@{name})"
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a ref. An image name alone means `@latest`.
@@ -99,11 +125,21 @@ pub fn parse_ref(input: &str) -> Result<ImageRef, RegistryError> {
             }
             Ok(ImageRef::Hash { image, prefix })
         }
-        Some(sel) => match sel.parse::<u64>() {
-            Ok(version) if version > 0 => Ok(ImageRef::Version { image, version }),
-            _ => Err(bad(
+        Some(sel) if sel.bytes().all(|b| b.is_ascii_digit()) && !sel.is_empty() => {
+            match sel.parse::<u64>() {
+                Ok(version) if version > 0 => Ok(ImageRef::Version { image, version }),
+                _ => Err(bad(input, "versions are numbered from 1")),
+            }
+        }
+        Some(sel) => match valid_channel_name(sel) {
+            Ok(()) => Ok(ImageRef::Channel {
+                image,
+                channel: sel.to_string(),
+            }),
+            Err(_) => Err(bad(
                 input,
-                "after @ write a version number (7), latest, previous or sha256:<prefix>",
+                "after @ write a version number (7), latest, previous, sha256:<prefix> \
+                 or a channel name (letters, digits, '-' and '_', starting with a letter)",
             )),
         },
     }
@@ -177,6 +213,11 @@ pub fn select<'a>(
             .iter()
             .find(|v| v.amis.values().any(|a| &a.id == id))
             .ok_or_else(|| not_found(format!("{id} is not an AMI kiln baked in this account"))),
+        // The channel's AMI id lives in Parameter Store; `resolve_ref` reads it
+        // and selects by that id.
+        ImageRef::Channel { image, channel } => Err(not_found(format!(
+            "channel {channel} of {image} is read from SSM; resolve it with registry::resolve_ref"
+        ))),
     }
 }
 
@@ -251,7 +292,10 @@ mod tests {
         for bad in [
             "web@0",
             "web@-1",
-            "web@newest",
+            "web@7x",
+            "web@1prod",
+            "web@pro d",
+            "web@sha256",
             "web@sha256:ab",
             "web@sha256:xyz1",
             "ami-12",
@@ -264,6 +308,24 @@ mod tests {
             assert!(err.is_input());
             assert!(!err.to_string().contains('\n'));
         }
+    }
+
+    #[test]
+    fn a_name_after_at_is_a_channel() {
+        assert_eq!(
+            parse_ref("web@prod").unwrap(),
+            ImageRef::Channel {
+                image: "web".into(),
+                channel: "prod".into()
+            }
+        );
+        assert_eq!(
+            parse_ref("web@canary-2").unwrap().to_string(),
+            "web@canary-2"
+        );
+        assert!(valid_channel_name("latest").is_err());
+        assert!(valid_channel_name("7").is_err());
+        assert!(valid_channel_name("prod").is_ok());
     }
 
     #[test]

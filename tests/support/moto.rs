@@ -316,3 +316,58 @@ pub fn sdk_config_loader(endpoint: &str) -> ConfigLoader {
 pub async fn sdk_config(endpoint: &str) -> SdkConfig {
     sdk_config_loader(endpoint).load().await
 }
+
+/// A moto server of one test's own, with moto's built-in AMI list, for tests
+/// that need a second region. With `MOTO_AMIS_PATH` (the shared server's custom
+/// list) moto 5.2.1 parses the list's creation dates in place when the first
+/// region's EC2 backend loads, and every EC2 call in any later region then
+/// answers 500 ("Parser must be a string or character stream, not datetime").
+/// The built-in list has Canonical's trusty image in every region. Stopped like
+/// the shared server: a watchdog `sh` kills it when its stdin (held here, closed
+/// when this is dropped or the process exits) closes.
+pub struct Dedicated {
+    endpoint: String,
+    _lifeline: ChildStdin,
+}
+
+impl Dedicated {
+    pub fn start() -> Dedicated {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("its address")
+            .port();
+        // Never waited for: the watchdog outlives this handle on purpose.
+        #[allow(clippy::zombie_processes)]
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("moto_server -H 127.0.0.1 -p \"$1\" >/dev/null 2>&1 </dev/null & s=$!; cat >/dev/null; kill $s")
+            .arg("kiln-dedicated-moto")
+            .arg(port.to_string())
+            .env_remove("MOTO_AMIS_PATH")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let lifeline = child.stdin.take().expect("watchdog stdin");
+        let addr = format!("127.0.0.1:{port}");
+        wait_until_answers(&addr, None);
+        Dedicated {
+            endpoint: format!("http://{addr}"),
+            _lifeline: lifeline,
+        }
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
+/// [`sdk_config_loader`] for `endpoint` in `region`, loaded.
+pub async fn sdk_config_in(endpoint: &str, region: &str) -> SdkConfig {
+    sdk_config_loader(endpoint)
+        .region(Region::new(region.to_string()))
+        .load()
+        .await
+}

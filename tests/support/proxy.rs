@@ -188,7 +188,8 @@ impl SplitMix64 {
     }
 }
 
-type RewriteFn = dyn Fn(&[u8]) -> Vec<u8> + Send + Sync;
+/// (request body, answer body) → new answer body.
+type RewriteFn = dyn Fn(&[u8], &[u8]) -> Vec<u8> + Send + Sync;
 
 struct State {
     faults: Faults,
@@ -383,6 +384,17 @@ impl ProxyHandle {
     /// (body bytes in, new body out; `Content-Length` is fixed up). A later rewrite
     /// for the same operation wins.
     pub fn rewrite(&self, pattern: &str, f: impl Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static) {
+        self.rewrite_exchange(pattern, move |_request, body| f(body));
+    }
+
+    /// Like [`ProxyHandle::rewrite`], with the request's body too (`f(request,
+    /// answer)`): for answers that depend on what was asked, such as serving
+    /// moto's unpaginated list one page per `NextToken`.
+    pub fn rewrite_exchange(
+        &self,
+        pattern: &str,
+        f: impl Fn(&[u8], &[u8]) -> Vec<u8> + Send + Sync + 'static,
+    ) {
         self.shared
             .state()
             .rewrites
@@ -722,6 +734,7 @@ async fn handle(
         None | Some(Fault::LoseResponse) => {
             let head_request = parts.method == Method::HEAD;
             call.forwarded = true;
+            let request_body = body.clone();
             let (mut head, mut body) = match forward(&shared.upstream, parts, body).await {
                 Ok(answer) => answer,
                 Err(e) => {
@@ -735,7 +748,7 @@ async fn handle(
                 }
             };
             if let Some(rewrite) = &decision.rewrite {
-                body = Bytes::from(rewrite(&body));
+                body = Bytes::from(rewrite(&request_body, &body));
                 call.rewritten = true;
                 head.headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
