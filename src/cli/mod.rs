@@ -2,6 +2,8 @@
 //! whose doc comments are the help text, and a `run` function).
 
 pub mod bake;
+pub mod completions;
+pub mod doctor;
 pub mod gc;
 pub mod hash;
 pub mod images;
@@ -66,6 +68,8 @@ pub enum Command {
     Bake(bake::Args),
     Images(images::Args),
     Gc(gc::Args),
+    Doctor(doctor::Args),
+    Completions(completions::Args),
 }
 
 /// What every subcommand gets: the global flags, the output, and lazily the
@@ -149,6 +153,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Bake(args) => bake::run(&mut ctx, args).await,
         Command::Images(args) => images::run(&mut ctx, args).await,
         Command::Gc(args) => gc::run(&mut ctx, args).await,
+        Command::Doctor(args) => {
+            ctx.single_region()?;
+            doctor::run(&mut ctx, args).await
+        }
+        Command::Completions(args) => completions::run(&mut ctx, args).await,
     }
 }
 
