@@ -5,5 +5,8 @@ mod support;
 
 mod bake;
 mod base_image;
+mod cli_polish;
+mod doctor;
 mod harness;
+mod quickstart;
 mod recipe;

@@ -19,6 +19,14 @@ use crate::ui::{OutputFormat, Ui};
 use crate::{Error, Result};
 
 const AFTER_HELP: &str = "\
+Examples:
+  kiln doctor --asg web-prod     check credentials, config, bucket, subnet, profile, group
+  kiln bake web                  bake images/web, or find the AMI it already is
+  kiln images web                list the baked versions of web
+  kiln gc --dry-run              list what a killed bake left behind
+  kiln completions bash          shell completions (bash, zsh, fish)
+  scripts/try                    the whole demo on a local AWS emulator
+
 Exit codes:
   0    success
   1    the operation failed (AWS refused or timed out, a bake step failed)
@@ -167,4 +175,32 @@ pub fn parse_var(s: &str) -> std::result::Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every command's --help shows how to use it (issue 4).
+    #[test]
+    fn every_help_has_examples() {
+        let mut cli = Cli::command();
+        let top = cli.render_long_help().to_string();
+        assert!(top.contains("Examples:"), "{top}");
+        for sub in cli.get_subcommands_mut() {
+            let help = sub.render_long_help().to_string();
+            assert!(
+                help.contains("Examples:\n  kiln "),
+                "kiln {} --help has no examples:\n{help}",
+                sub.get_name()
+            );
+        }
+    }
 }
