@@ -180,3 +180,74 @@ fn builder_policy_and_trust_are_valid() {
         "ec2.amazonaws.com"
     );
 }
+
+/// kiln.toml.example is a valid kiln.toml, with its commented-out keys too, and
+/// it mentions every key there is (so it is the reference the README says).
+#[test]
+fn kiln_toml_example_documents_every_key() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("kiln.toml.example")).unwrap();
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.split_once(" = ").is_some_and(|(k, _)| {
+                    k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                }) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("kiln.toml"), uncommented).unwrap();
+    let c = kiln::config::Config::load(None, dir.path()).unwrap().file;
+    // Destructured without `..`: a new config key fails to compile here until
+    // it is added to the example.
+    let kiln::config::ConfigFile {
+        region,
+        profile,
+        endpoint_url,
+        bake,
+        rollout,
+    } = c;
+    let kiln::config::BakeConfig {
+        copy_regions,
+        bucket,
+        subnet,
+        instance_profile,
+        security_group,
+        ttl,
+        image_timeout,
+        agent_timeout,
+        provision_timeout,
+    } = bake;
+    let kiln::config::RolloutConfig {
+        max_surge,
+        min_healthy,
+        warmup,
+        deadline,
+    } = rollout;
+    assert!(!copy_regions.is_empty(), "[bake] copy_regions");
+    for (key, value) in [
+        ("region", region),
+        ("profile", profile),
+        ("endpoint_url", endpoint_url),
+        ("[bake] bucket", bucket),
+        ("[bake] subnet", subnet),
+        ("[bake] instance_profile", instance_profile),
+        ("[bake] security_group", security_group),
+        ("[bake] ttl", ttl),
+        ("[bake] image_timeout", image_timeout),
+        ("[bake] agent_timeout", agent_timeout),
+        ("[bake] provision_timeout", provision_timeout),
+        ("[rollout] max_surge", max_surge),
+        ("[rollout] min_healthy", min_healthy),
+        ("[rollout] warmup", warmup),
+        ("[rollout] deadline", deadline),
+    ] {
+        assert!(value.is_some(), "kiln.toml.example lacks {key}");
+    }
+}
