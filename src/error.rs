@@ -45,6 +45,9 @@ pub enum Error {
     /// A flag or argument the parser could not check on its own.
     #[error("{0}")]
     Usage(String),
+    /// `kiln doctor` found problems; each was printed with how to fix it.
+    #[error("{0} check(s) failed; fix them as shown above and run kiln doctor again")]
+    ChecksFailed(usize),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -67,6 +70,7 @@ impl Error {
             | Error::Bake(_)
             | Error::Registry(_)
             | Error::Lifecycle(_)
+            | Error::ChecksFailed(_)
             | Error::Io { .. } => exit::FAILED,
         }
     }

@@ -5,7 +5,10 @@ mod support;
 
 mod bake;
 mod base_image;
+mod cli_polish;
+mod doctor;
 mod harness;
 mod lifecycle;
+mod quickstart;
 mod recipe;
 mod rollout_sim;

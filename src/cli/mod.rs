@@ -5,6 +5,8 @@ pub mod bake;
 pub mod channels;
 pub mod diff;
 pub mod drift;
+pub mod completions;
+pub mod doctor;
 pub mod gc;
 pub mod hash;
 pub mod images;
@@ -22,6 +24,14 @@ use crate::ui::{OutputFormat, Ui};
 use crate::{Error, Result};
 
 const AFTER_HELP: &str = "\
+Examples:
+  kiln doctor --asg web-prod     check credentials, config, bucket, subnet, profile, group
+  kiln bake web                  bake images/web, or find the AMI it already is
+  kiln images web                list the baked versions of web
+  kiln gc --dry-run              list what a killed bake left behind
+  kiln completions bash          shell completions (bash, zsh, fish)
+  scripts/try                    the whole demo on a local AWS emulator
+
 Exit codes:
   0    success
   1    the operation failed (AWS refused or timed out, a bake step failed)
@@ -77,6 +87,8 @@ pub enum Command {
     Channels(channels::Args),
     Drift(drift::Args),
     Diff(diff::Args),
+    Doctor(doctor::Args),
+    Completions(completions::Args),
 }
 
 /// What every subcommand gets: the global flags, the output, and lazily the
@@ -165,6 +177,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Channels(args) => channels::run(&mut ctx, args).await,
         Command::Drift(args) => drift::run(&mut ctx, args).await,
         Command::Diff(args) => diff::run(&mut ctx, args).await,
+        Command::Doctor(args) => {
+            ctx.single_region()?;
+            doctor::run(&mut ctx, args).await
+        }
+        Command::Completions(args) => completions::run(&mut ctx, args).await,
     }
 }
 
@@ -174,4 +191,33 @@ pub fn parse_var(s: &str) -> std::result::Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_string(), v.to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every command's --help shows how to use it (issue 4).
+    #[test]
+    fn every_help_has_examples() {
+        let mut cli = Cli::command();
+        let top = cli.render_long_help().to_string();
+        assert!(top.contains("Examples:"), "{top}");
+        // clap's generated `help` subcommand is the one without examples.
+        for sub in cli.get_subcommands_mut().filter(|s| s.get_name() != "help") {
+            let help = sub.render_long_help().to_string();
+            assert!(
+                help.contains("Examples:\n  kiln "),
+                "kiln {} --help has no examples:\n{help}",
+                sub.get_name()
+            );
+        }
+    }
 }
