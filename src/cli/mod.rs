@@ -3,10 +3,10 @@
 
 pub mod bake;
 pub mod channels;
-pub mod diff;
-pub mod drift;
 pub mod completions;
+pub mod diff;
 pub mod doctor;
+pub mod drift;
 pub mod gc;
 pub mod hash;
 pub mod images;
