@@ -1,11 +1,16 @@
 //! The command line: global flags, one module per subcommand (an `Args` struct
 //! whose doc comments are the help text, and a `run` function).
 
+pub mod abort;
 pub mod bake;
 pub mod gc;
 pub mod hash;
 pub mod images;
+pub mod history;
 pub mod render;
+pub mod rollback;
+pub mod rollout;
+pub mod status;
 
 use std::path::PathBuf;
 
@@ -66,6 +71,11 @@ pub enum Command {
     Bake(bake::Args),
     Images(images::Args),
     Gc(gc::Args),
+    Rollout(rollout::Args),
+    Rollback(rollback::Args),
+    Status(status::Args),
+    History(history::Args),
+    Abort(abort::Args),
 }
 
 /// What every subcommand gets: the global flags, the output, and lazily the
@@ -149,6 +159,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Bake(args) => bake::run(&mut ctx, args).await,
         Command::Images(args) => images::run(&mut ctx, args).await,
         Command::Gc(args) => gc::run(&mut ctx, args).await,
+        Command::Rollout(args) => rollout::run(&mut ctx, args).await,
+        Command::Rollback(args) => rollback::run(&mut ctx, args).await,
+        Command::Status(args) => status::run(&mut ctx, args).await,
+        Command::History(args) => history::run(&mut ctx, args).await,
+        Command::Abort(args) => abort::run(&mut ctx, args).await,
     }
 }
 
