@@ -121,8 +121,8 @@ fn rollout_exit(e: &RolloutError) -> u8 {
             Some(a) if a.is_input() => exit::INPUT,
             _ => exit::FAILED,
         },
-        RolloutError::LockLost { .. } | RolloutError::Journal { .. } | RolloutError::Internal(_) => {
-            exit::FAILED
-        }
+        RolloutError::LockLost { .. }
+        | RolloutError::Journal { .. }
+        | RolloutError::Internal(_) => exit::FAILED,
     }
 }

@@ -7,4 +7,5 @@ mod bake;
 mod base_image;
 mod harness;
 mod recipe;
+mod rollout;
 mod rollout_sim;

@@ -58,6 +58,42 @@ impl AwsFleet {
         self.aws.region()
     }
 
+    /// Pin a group that follows `$Latest` or `$Default` (or names no version) to
+    /// the number that resolves to now. Launches are unchanged, but the rollout
+    /// must own the version: a group on `$Latest` would otherwise follow kiln's new
+    /// version before any batch asked for it and look already pointed at it.
+    /// Returns the selector and version when it pinned.
+    pub async fn pin_version(&self, asg: &str) -> Result<Option<(String, u64)>> {
+        let g = self.describe_group(asg).await?;
+        let (spec, mixed) = match (g.launch_template(), g.mixed_instances_policy()) {
+            (Some(s), _) => (s.clone(), false),
+            (None, Some(p)) => match p
+                .launch_template()
+                .and_then(|t| t.launch_template_specification())
+            {
+                Some(s) => (s.clone(), true),
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        let selector = spec.version().unwrap_or("$Default").to_string();
+        if selector.parse::<u64>().is_ok() {
+            return Ok(None);
+        }
+        let v = self
+            .describe_version(
+                asg,
+                spec.launch_template_id(),
+                spec.launch_template_name(),
+                &selector,
+            )
+            .await?;
+        let number = v.version_number().unwrap_or(0).max(0) as u64;
+        let id = v.launch_template_id().unwrap_or_default().to_string();
+        self.point_asg(asg, &id, number, mixed).await?;
+        Ok(Some((selector, number)))
+    }
+
     async fn describe_group(&self, name: &str) -> Result<asg_types::AutoScalingGroup> {
         let out = self
             .asg
@@ -69,12 +105,7 @@ impl AwsFleet {
                 fleet_err(
                     name,
                     "DescribeAutoScalingGroups",
-                    AwsError::call(
-                        "autoscaling",
-                        "DescribeAutoScalingGroups",
-                        self.region(),
-                        e,
-                    ),
+                    AwsError::call("autoscaling", "DescribeAutoScalingGroups", self.region(), e),
                 )
             })?;
         out.auto_scaling_groups()
@@ -111,12 +142,7 @@ impl AwsFleet {
                 fleet_err(
                     asg,
                     "DescribeLaunchTemplateVersions",
-                    AwsError::call(
-                        "ec2",
-                        "DescribeLaunchTemplateVersions",
-                        self.region(),
-                        e,
-                    ),
+                    AwsError::call("ec2", "DescribeLaunchTemplateVersions", self.region(), e),
                 )
             })?;
         out.launch_template_versions()
@@ -238,14 +264,8 @@ fn lifecycle(s: Option<&asg_types::LifecycleState>) -> Lifecycle {
     match s {
         Some(L::Pending | L::PendingWait | L::PendingProceed) => Lifecycle::Pending,
         Some(L::InService) => Lifecycle::InService,
-        Some(
-            L::Standby
-            | L::EnteringStandby
-            | L::Quarantined
-        ) => Lifecycle::Standby,
-        Some(L::Terminating | L::TerminatingWait | L::TerminatingProceed) => {
-            Lifecycle::Terminating
-        }
+        Some(L::Standby | L::EnteringStandby | L::Quarantined) => Lifecycle::Standby,
+        Some(L::Terminating | L::TerminatingWait | L::TerminatingProceed) => Lifecycle::Terminating,
         Some(L::Terminated) => Lifecycle::Terminated,
         Some(L::Detaching) => Lifecycle::Detaching,
         Some(L::Detached) => Lifecycle::Detached,
@@ -345,7 +365,9 @@ impl Fleet for AwsFleet {
                     az: i.availability_zone().unwrap_or_default().to_string(),
                     lifecycle: lc,
                     ec2_state: ec2_state(d, lc),
-                    healthy: i.health_status().is_some_and(|h| h.eq_ignore_ascii_case("Healthy")),
+                    healthy: i
+                        .health_status()
+                        .is_some_and(|h| h.eq_ignore_ascii_case("Healthy")),
                     image_id: d
                         .and_then(|d| d.image_id())
                         .or(i.image_id())
@@ -386,7 +408,9 @@ impl Fleet for AwsFleet {
                     .filter_map(|p| p.process_name().map(str::to_string))
                     .collect(),
                 target_groups,
-                health_check_grace: Duration::from_secs(to_u32(g.health_check_grace_period()).into()),
+                health_check_grace: Duration::from_secs(
+                    to_u32(g.health_check_grace_period()).into(),
+                ),
             },
             instances,
             target_health,
@@ -460,9 +484,9 @@ impl Fleet for AwsFleet {
         let source = self
             .describe_version(&ctx, Some(template_id), None, &from_version.to_string())
             .await?;
-        let data = source
-            .launch_template_data()
-            .ok_or_else(|| RolloutError::Internal(format!("{ctx} version {from_version} has no launch data")))?;
+        let data = source.launch_template_data().ok_or_else(|| {
+            RolloutError::Internal(format!("{ctx} version {from_version} has no launch data"))
+        })?;
         let request = copy_launch_data(data, image_id).map_err(|field| RolloutError::Fleet {
             asg: ctx.clone(),
             operation: "CreateLaunchTemplateVersion".into(),
@@ -486,7 +510,11 @@ impl Fleet for AwsFleet {
         out.launch_template_version()
             .and_then(|v| v.version_number())
             .map(|v| v.max(0) as u64)
-            .ok_or_else(|| RolloutError::Internal(format!("{ctx}: CreateLaunchTemplateVersion returned no version number")))
+            .ok_or_else(|| {
+                RolloutError::Internal(format!(
+                    "{ctx}: CreateLaunchTemplateVersion returned no version number"
+                ))
+            })
     }
 
     async fn point_asg(
@@ -500,7 +528,10 @@ impl Fleet for AwsFleet {
             .launch_template_id(template_id)
             .version(version.to_string())
             .build();
-        let mut req = self.asg.update_auto_scaling_group().auto_scaling_group_name(asg);
+        let mut req = self
+            .asg
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(asg);
         req = if mixed_instances_policy {
             // A partial policy: AWS keeps the overrides and distribution as they are.
             req.mixed_instances_policy(
@@ -522,7 +553,13 @@ impl Fleet for AwsFleet {
         Ok(())
     }
 
-    async fn set_capacity(&self, asg: &str, min: Option<u32>, max: u32, desired: u32) -> Result<()> {
+    async fn set_capacity(
+        &self,
+        asg: &str,
+        min: Option<u32>,
+        max: u32,
+        desired: u32,
+    ) -> Result<()> {
         self.asg
             .update_auto_scaling_group()
             .auto_scaling_group_name(asg)
@@ -552,7 +589,12 @@ impl Fleet for AwsFleet {
                 .send()
                 .await
                 .map_err(|e| {
-                    AwsError::call("elasticloadbalancingv2", "DeregisterTargets", self.region(), e)
+                    AwsError::call(
+                        "elasticloadbalancingv2",
+                        "DeregisterTargets",
+                        self.region(),
+                        e,
+                    )
                 })
                 .map_err(|e| fleet_err(tg, "DeregisterTargets", e))?;
         }
@@ -575,14 +617,24 @@ impl Fleet for AwsFleet {
                 .send()
                 .await
                 .map_err(|e| {
-                    AwsError::call("elasticloadbalancingv2", "RegisterTargets", self.region(), e)
+                    AwsError::call(
+                        "elasticloadbalancingv2",
+                        "RegisterTargets",
+                        self.region(),
+                        e,
+                    )
                 })
                 .map_err(|e| fleet_err(tg, "RegisterTargets", e))?;
         }
         Ok(())
     }
 
-    async fn terminate(&self, asg: &str, instances: &[String], decrement_desired: bool) -> Result<()> {
+    async fn terminate(
+        &self,
+        asg: &str,
+        instances: &[String],
+        decrement_desired: bool,
+    ) -> Result<()> {
         for id in instances {
             let r = self
                 .asg
@@ -605,7 +657,11 @@ impl Fleet for AwsFleet {
                 {
                     continue;
                 }
-                return Err(fleet_err(asg, &format!("TerminateInstanceInAutoScalingGroup {id}"), e));
+                return Err(fleet_err(
+                    asg,
+                    &format!("TerminateInstanceInAutoScalingGroup {id}"),
+                    e,
+                ));
             }
         }
         Ok(())
@@ -664,7 +720,9 @@ pub fn copy_launch_data(
             || ni.ena_srd_specification().is_some()
             || ni.connection_tracking_specification().is_some()
         {
-            return Err("NetworkInterfaces (addresses, prefixes, ENA Express or connection tracking)");
+            return Err(
+                "NetworkInterfaces (addresses, prefixes, ENA Express or connection tracking)",
+            );
         }
     }
 
@@ -849,7 +907,10 @@ mod tests {
         let ids = instance_ids_in(
             "ec2:DescribeInstances in us-east-1: InvalidInstanceID.NotFound: The instance IDs 'i-0abc, i-0def' do not exist",
         );
-        assert_eq!(ids, BTreeSet::from(["i-0abc".to_string(), "i-0def".to_string()]));
+        assert_eq!(
+            ids,
+            BTreeSet::from(["i-0abc".to_string(), "i-0def".to_string()])
+        );
     }
 
     #[test]
@@ -868,7 +929,11 @@ mod tests {
             .block_device_mappings(
                 LaunchTemplateBlockDeviceMapping::builder()
                     .device_name("/dev/sda1")
-                    .ebs(LaunchTemplateEbsBlockDevice::builder().volume_size(20).build())
+                    .ebs(
+                        LaunchTemplateEbsBlockDevice::builder()
+                            .volume_size(20)
+                            .build(),
+                    )
                     .build(),
             )
             .build();
@@ -882,7 +947,9 @@ mod tests {
             Some(&LaunchTemplateHttpTokensState::Required)
         );
         assert_eq!(
-            r.block_device_mappings()[0].ebs().and_then(|e| e.volume_size()),
+            r.block_device_mappings()[0]
+                .ebs()
+                .and_then(|e| e.volume_size()),
             Some(20)
         );
         assert!(r.network_interfaces().is_empty());
@@ -893,6 +960,9 @@ mod tests {
         let d = ec2::ResponseLaunchTemplateData::builder()
             .instance_requirements(ec2::InstanceRequirements::builder().build())
             .build();
-        assert_eq!(copy_launch_data(&d, "ami-x").unwrap_err(), "InstanceRequirements");
+        assert_eq!(
+            copy_launch_data(&d, "ami-x").unwrap_err(),
+            "InstanceRequirements"
+        );
     }
 }

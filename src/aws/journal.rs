@@ -91,7 +91,13 @@ impl SsmJournal {
     }
 
     /// PutParameter; `Ok(None)` when `overwrite` is false and it already exists.
-    async fn put(&self, asg: &str, name: &str, value: &str, overwrite: bool) -> Result<Option<i64>> {
+    async fn put(
+        &self,
+        asg: &str,
+        name: &str,
+        value: &str,
+        overwrite: bool,
+    ) -> Result<Option<i64>> {
         if value.len() > MAX_VALUE {
             return Err(jerr(
                 asg,
@@ -154,7 +160,12 @@ impl JournalStore for SsmJournal {
         }
     }
 
-    async fn save(&self, asg: &str, journal: &Journal, expected: Option<&Revision>) -> Result<Revision> {
+    async fn save(
+        &self,
+        asg: &str,
+        journal: &Journal,
+        expected: Option<&Revision>,
+    ) -> Result<Revision> {
         let name = journal_name(asg);
         let value = serde_json::to_string(journal).expect("journals serialize");
         let lost = |holder: Option<String>| RolloutError::LockLost {
@@ -199,7 +210,10 @@ impl JournalStore for SsmJournal {
             // Released between our attempt and the read: try once more.
             return match self.put(asg, &name, &json, false).await? {
                 Some(_) => Ok(()),
-                None => Err(jerr(asg, format!("{name}: the lock changed hands twice; try again"))),
+                None => Err(jerr(
+                    asg,
+                    format!("{name}: the lock changed hands twice; try again"),
+                )),
             };
         };
         if &current == holder {
@@ -220,7 +234,10 @@ impl JournalStore for SsmJournal {
                 asg: asg.to_string(),
                 holder: h,
             }),
-            None => Err(jerr(asg, format!("{name}: the lock vanished during a take-over"))),
+            None => Err(jerr(
+                asg,
+                format!("{name}: the lock vanished during a take-over"),
+            )),
         }
     }
 
@@ -228,7 +245,13 @@ impl JournalStore for SsmJournal {
         if self.current_holder(asg).await?.as_ref() != Some(holder) {
             return Ok(());
         }
-        match self.ssm.delete_parameter().name(lock_name(asg)).send().await {
+        match self
+            .ssm
+            .delete_parameter()
+            .name(lock_name(asg))
+            .send()
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) => {
                 let e = AwsError::call("ssm", "DeleteParameter", self.aws.region(), e);

@@ -75,7 +75,10 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
             h.to_image,
             v(h.to_launch_template_version),
             h.outcome,
-            h.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+            h.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
         );
     }
     if let Some(p) = in_progress {

@@ -123,21 +123,31 @@ impl Tuning {
     /// The spec toward `image`: flags, then kiln.toml `[rollout]`, then defaults.
     pub fn spec(&self, image: &str, cfg: &RolloutConfig) -> Result<RolloutSpec> {
         let mut spec = RolloutSpec::new(image);
-        if let Some(a) = self.max_surge.or(config_amount(&cfg.max_surge, "max_surge")?) {
+        if let Some(a) = self
+            .max_surge
+            .or(config_amount(&cfg.max_surge, "max_surge")?)
+        {
             spec.max_surge = a;
         }
-        if let Some(a) = self.min_healthy.or(config_amount(&cfg.min_healthy, "min_healthy")?) {
+        if let Some(a) = self
+            .min_healthy
+            .or(config_amount(&cfg.min_healthy, "min_healthy")?)
+        {
             spec.min_healthy = a;
         }
         if let Some(d) = self.warmup.or(config_duration(&cfg.warmup, "warmup")?) {
             spec.warmup = d;
         }
-        if let Some(d) = self.deadline.or(config_duration(&cfg.deadline, "deadline")?) {
+        if let Some(d) = self
+            .deadline
+            .or(config_duration(&cfg.deadline, "deadline")?)
+        {
             spec.deadline = d;
         }
         if matches!(spec.max_surge, Amount::Count(0) | Amount::Percent(0)) {
             return Err(Error::Usage(
-                "--max-surge must be at least 1 instance: kiln launches before it terminates".into(),
+                "--max-surge must be at least 1 instance: kiln launches before it terminates"
+                    .into(),
             ));
         }
         if spec.deadline.is_zero() {
@@ -222,7 +232,11 @@ pub async fn resolve_image(aws: &Aws, reference: &str) -> Result<String> {
 
 /// Read-only checks before anything is locked or changed: the group exists, is on
 /// a launch template, and the spec fits it.
-pub async fn preflight(fleet: &AwsFleet, asg: &str, spec: &RolloutSpec) -> Result<crate::rollout::Observation> {
+pub async fn preflight(
+    fleet: &AwsFleet,
+    asg: &str,
+    spec: &RolloutSpec,
+) -> Result<crate::rollout::Observation> {
     let obs = fleet.observe(asg).await?;
     if let LaunchSource::Configuration { name } = &obs.group.launch {
         return Err(RolloutError::LaunchConfiguration {
@@ -257,7 +271,13 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
 }
 
 /// Lock, start or resume, and drive a rollout of `asg` toward `spec.target_image`.
-pub async fn drive_to(ctx: &Ctx, aws: &Aws, asg: &str, spec: RolloutSpec, lock: &LockArgs) -> Result<()> {
+pub async fn drive_to(
+    ctx: &Ctx,
+    aws: &Aws,
+    asg: &str,
+    spec: RolloutSpec,
+    lock: &LockArgs,
+) -> Result<()> {
     let fleet = AwsFleet::new(aws);
     let store = SsmJournal::new(aws);
     let resuming = store
@@ -279,6 +299,12 @@ pub async fn drive_to(ctx: &Ctx, aws: &Aws, asg: &str, spec: RolloutSpec, lock: 
         ctx.ui.note(format!(
             "resuming the rollout of {asg} to {} ({:?}, batch {})",
             stored.journal.target.image_id, stored.journal.phase, stored.journal.batch.number
+        ));
+    }
+    // Under the lock, before the first batch: see `AwsFleet::pin_version`.
+    if let Some((selector, v)) = fleet.pin_version(asg).await? {
+        ctx.ui.note(format!(
+            "{asg} launched from launch template version {selector}: pinned it to version {v}, which that resolves to now"
         ));
     }
     let mut progress = Bar::new(ctx, &stored.journal);
@@ -332,7 +358,11 @@ pub fn finish(ctx: &Ctx, report: Report, aborting: bool) -> Result<()> {
         };
         println!(
             "{} {} -> {}: {outcome} ({} batches, {} observations)",
-            report.asg, report.source_image, report.target_image, report.batches, report.observations
+            report.asg,
+            report.source_image,
+            report.target_image,
+            report.batches,
+            report.observations
         );
         println!(
             "capacity min {} max {} desired {}",
@@ -380,7 +410,11 @@ fn print_plan(ctx: &Ctx, plan: &Plan, reference: &str) {
     let suspend: Vec<&str> = plan.suspend.iter().map(String::as_str).collect();
     println!(
         "suspend {}; surge {}; floor {} healthy; capacity min {} max {} desired {}",
-        if suspend.is_empty() { "nothing".into() } else { suspend.join(", ") },
+        if suspend.is_empty() {
+            "nothing".into()
+        } else {
+            suspend.join(", ")
+        },
         plan.surge,
         plan.floor,
         plan.original.min,
@@ -388,7 +422,11 @@ fn print_plan(ctx: &Ctx, plan: &Plan, reference: &str) {
         plan.original.desired
     );
     for b in &plan.batches {
-        let launch: Vec<String> = b.launch.iter().map(|(az, n)| format!("{az} +{n}")).collect();
+        let launch: Vec<String> = b
+            .launch
+            .iter()
+            .map(|(az, n)| format!("{az} +{n}"))
+            .collect();
         let terminate: Vec<String> = b
             .terminate
             .iter()
@@ -439,9 +477,11 @@ impl Bar {
             },
         );
         bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} replaced {msg} [{elapsed}]")
-                .expect("static progress template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} replaced {msg} [{elapsed}]",
+            )
+            .expect("static progress template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(format!("{} {:?}", j.asg, j.phase));
         if interactive {
@@ -501,7 +541,11 @@ impl Progress for Bar {
                     "{}: batch {}{}: launched {}, healthy {}, drained {}, terminated {}",
                     j.asg,
                     b.number,
-                    if b.phase == Phase::Rolling { "" } else { " (rolling back)" },
+                    if b.phase == Phase::Rolling {
+                        ""
+                    } else {
+                        " (rolling back)"
+                    },
                     b.launched,
                     b.healthy,
                     b.drained,

@@ -79,10 +79,15 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     let lock_holder = store.holder(&args.asg).await?;
 
     let (image_id, lt, ltv) = match &obs.group.launch {
-        LaunchSource::Template { id, version, image_id, .. } => {
-            (Some(image_id.clone()), Some(id.clone()), Some(*version))
+        LaunchSource::Template {
+            id,
+            version,
+            image_id,
+            ..
+        } => (Some(image_id.clone()), Some(id.clone()), Some(*version)),
+        LaunchSource::Configuration { name } => {
+            (None, Some(format!("launch configuration {name}")), None)
         }
-        LaunchSource::Configuration { name } => (None, Some(format!("launch configuration {name}")), None),
     };
     let mut instances: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
     for i in obs.instances.iter().filter(|i| i.is_live()) {
@@ -173,7 +178,9 @@ fn print_human(o: &Output) {
         "image {} (launch template {} version {})",
         o.image_id.as_deref().unwrap_or("-"),
         o.launch_template.as_deref().unwrap_or("-"),
-        o.launch_template_version.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+        o.launch_template_version
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "-".into())
     );
     println!(
         "capacity min {} max {} desired {}",

@@ -270,7 +270,7 @@ pub fn decide(obs: &Observation, j: &Journal, spec: &RolloutSpec) -> Step {
             InFlight::TerminateDecrement { ids } => {
                 let gone = ids
                     .iter()
-                    .filter(|id| obs.instance(id).map_or(true, |i| i.is_leaving()))
+                    .filter(|id| obs.instance(id).is_none_or(|i| i.is_leaving()))
                     .count();
                 j.desired.expected.saturating_sub(gone as u32)
             }
@@ -482,7 +482,7 @@ fn failure(obs: &Observation, j: &Journal, fresh: &[&Instance]) -> Option<String
     }
     if !j.batch.scale_in_seen {
         for id in &j.batch.launched {
-            if obs.instance(id).map_or(true, |i| i.is_leaving()) {
+            if obs.instance(id).is_none_or(|i| i.is_leaving()) {
                 return Some(format!("new instance {id} was replaced by the ASG"));
             }
         }
