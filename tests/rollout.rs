@@ -441,12 +441,19 @@ fn rolls_six_instances_to_v2_and_back_restoring_capacity_and_processes() {
     assert!(plan.stdout.contains(&g.ami2), "{plan}");
     assert_eq!(proxy.mutating_calls(), 0, "{}", proxy.summary());
 
+    proxy.clear_calls();
     let run = kiln(
         &project,
         &proxy.endpoint(),
         &rollout_args(&g, &v2, &["--output", "json"]),
     );
     run.expect_ok();
+    eprintln!(
+        "6-instance rollout: {} calls, {} mutating: {:?}",
+        proxy.total_calls(),
+        proxy.mutating_calls(),
+        proxy.per_operation()
+    );
     let report = json(&run);
     assert_eq!(report["outcome"], "Succeeded", "{run}");
     assert_eq!(report["target_image"], g.ami2.as_str());
@@ -686,6 +693,7 @@ fn a_second_rollout_is_refused_naming_the_holder() {
 #[test]
 fn sigkill_at_any_point_then_rerun_finishes() {
     let seeds: Vec<u64> = (0..20).collect();
+    let mut killed = 0;
     // Four groups at a time keep the suite fast without starving moto.
     for chunk in seeds.chunks(4) {
         let handles: Vec<_> = chunk
@@ -693,18 +701,26 @@ fn sigkill_at_any_point_then_rerun_finishes() {
             .map(|&seed| std::thread::spawn(move || kill_and_resume(seed)))
             .collect();
         for h in handles {
-            h.join().unwrap();
+            killed += usize::from(h.join().unwrap());
         }
     }
+    // The kill lands mid-rollout for (nearly) every seed, not after the end.
+    assert!(
+        killed >= 18,
+        "only {killed} of 20 runs were killed mid-rollout"
+    );
 }
 
-fn kill_and_resume(seed: u64) {
+/// Whether the first run was killed before it finished.
+fn kill_and_resume(seed: u64) -> bool {
     let g = setup();
     let project = Project::new();
     let v2 = format!("{}@2", g.image);
     let proxy = Proxy::start(moto::endpoint());
-    // splitmix-ish spread over the ~40 mutating calls of a 3-batch rollout.
-    let n = 1 + ((seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % 40) as usize;
+    // Spread over the 43 mutating calls of this 3-batch rollout (SSM lock and
+    // journal writes included; the first test prints the count), so the kill
+    // lands before the last one.
+    let n = 1 + ((seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) % 42) as usize;
     let args = rollout_args(&g, &v2, &["--max-surge", "2"]);
     let mut child = spawn(&project, &proxy.endpoint(), &args);
     let end = Instant::now() + Duration::from_secs(60);
@@ -729,4 +745,46 @@ fn kill_and_resume(seed: u64) {
         "seed {seed} (killed after {n} mutating calls)\n{again}"
     );
     assert_settled_on(&g, &g.ami2);
+    killed
+}
+
+/// `bench/rollout.sh`: a 30-instance rollout at 25% surge through the counting
+/// proxy; prints wall time and API calls. Ignored in the suite.
+#[test]
+#[ignore]
+fn bench_thirty_instance_rollout() {
+    let g = setup();
+    rt().block_on(async {
+        aws_sdk_autoscaling::Client::new(&conf().await)
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(&g.asg)
+            .max_size(30)
+            .desired_capacity(30)
+            .send()
+            .await
+            .unwrap();
+    });
+    let project = Project::new();
+    let proxy = Proxy::start(moto::endpoint());
+    let v2 = format!("{}@2", g.image);
+    let started = Instant::now();
+    let run = kiln(&project, &proxy.endpoint(), &rollout_args(&g, &v2, &[]));
+    let wall = started.elapsed();
+    run.expect_ok();
+    let s = seen(&g);
+    assert_eq!(s.instances.len(), 30);
+    assert!(s.instances.values().all(|(i, _)| i == &g.ami2));
+    let ops = proxy.per_operation();
+    let observe = ["autoscaling:DescribeAutoScalingGroups"]
+        .iter()
+        .map(|o| ops.get(*o).copied().unwrap_or(0))
+        .sum::<usize>();
+    println!(
+        "BENCH moto 30 instances: wall {:.2}s, {} API calls ({} mutating), {} observation cycles",
+        wall.as_secs_f64(),
+        proxy.total_calls(),
+        proxy.mutating_calls(),
+        observe
+    );
+    println!("BENCH calls by operation: {ops:?}");
 }
