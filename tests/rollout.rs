@@ -788,3 +788,40 @@ fn bench_thirty_instance_rollout() {
     );
     println!("BENCH calls by operation: {ops:?}");
 }
+
+/// SIGKILL mid-rollout, then `kiln abort`: back on the source image with the
+/// original capacity and processes, the history saying Aborted.
+#[test]
+fn abort_after_sigkill_rolls_back_cleanly() {
+    let g = setup();
+    let project = Project::new();
+    let v2 = format!("{}@2", g.image);
+    let proxy = Proxy::start(moto::endpoint());
+    let mut child = spawn(&project, &proxy.endpoint(), &rollout_args(&g, &v2, &[]));
+    // Past the first surge and its terminations: both images run.
+    wait_until(Duration::from_secs(60), "mid-rollout", || {
+        proxy.count_forwarded("autoscaling:TerminateInstanceInAutoScalingGroup") >= 2
+    });
+    child.kill().unwrap();
+    let _ = wait_output(child);
+    let status = kiln(
+        &project,
+        moto::endpoint(),
+        &["status", &g.asg, "--output", "json"],
+    );
+    assert_eq!(json(&status)["rollout"]["phase"], "Rolling", "{status}");
+
+    let run = kiln(
+        &project,
+        moto::endpoint(),
+        &["abort", &g.asg, "--poll", "50ms"],
+    );
+    run.expect_ok();
+    assert_settled_on(&g, &g.ami1);
+    let hist = kiln(
+        &project,
+        moto::endpoint(),
+        &["history", &g.asg, "--output", "json"],
+    );
+    assert_eq!(json(&hist)["rollouts"][0]["outcome"], "Aborted", "{hist}");
+}
