@@ -15,6 +15,7 @@ use crate::lifecycle::LifecycleError;
 use crate::recipe::base::BaseError;
 use crate::recipe::RecipeError;
 use crate::registry::RegistryError;
+use crate::rollout::{Outcome, RolloutError};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -42,6 +43,26 @@ pub enum Error {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    Rollout(#[from] RolloutError),
+    /// A rollout that ran to its end without reaching its target image.
+    #[error("ASG {asg}: rollout to {target} {}: {reason}", match outcome {
+        Outcome::RolledBack => "failed and was rolled back",
+        Outcome::Aborted => "was aborted",
+        Outcome::Failed => "failed; instances may run either image",
+        Outcome::Succeeded => "succeeded",
+    })]
+    RolloutEnded {
+        asg: String,
+        target: String,
+        outcome: Outcome,
+        reason: String,
+    },
+    /// `kiln status`: a rollout is failing, stuck, or ended failed.
+    #[error("ASG {asg}: {why}")]
+    Unhealthy { asg: String, why: String },
+    /// Ctrl-C; the message says what was left and how to continue.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     /// A flag or argument the parser could not check on its own.
     #[error("{0}")]
     Usage(String),
@@ -65,6 +86,14 @@ impl Error {
             Error::Bake(e) if e.is_input() => exit::INPUT,
             Error::Registry(e) if e.is_input() => exit::INPUT,
             Error::Lifecycle(e) if e.is_input() => exit::INPUT,
+            Error::Rollout(e) => rollout_exit(e),
+            Error::RolloutEnded { outcome, .. } => match outcome {
+                Outcome::RolledBack => exit::ROLLED_BACK,
+                Outcome::Succeeded | Outcome::Aborted => exit::OK,
+                Outcome::Failed => exit::FAILED,
+            },
+            Error::Unhealthy { .. } => exit::FAILED,
+            Error::Interrupted(_) => exit::INTERRUPTED,
             Error::Base(_)
             | Error::Aws(_)
             | Error::Bake(_)
@@ -80,5 +109,28 @@ impl Error {
             context: context.into(),
             source,
         }
+    }
+}
+
+/// Refusals about the named group, its lock or the flags are input (2): nothing
+/// was changed and the command must be fixed or the holder waited for. Failures
+/// talking to AWS or storing the journal are 1.
+fn rollout_exit(e: &RolloutError) -> u8 {
+    match e {
+        RolloutError::LaunchConfiguration { .. }
+        | RolloutError::ProcessSuspended { .. }
+        | RolloutError::FloorAboveDesired { .. }
+        | RolloutError::Locked { .. }
+        | RolloutError::InProgress { .. }
+        | RolloutError::NothingInProgress { .. }
+        | RolloutError::NoPreviousImage { .. }
+        | RolloutError::GroupNotFound { .. } => exit::INPUT,
+        RolloutError::Fleet { source, .. } => match source.downcast_ref::<AwsError>() {
+            Some(a) if a.is_input() => exit::INPUT,
+            _ => exit::FAILED,
+        },
+        RolloutError::LockLost { .. }
+        | RolloutError::Journal { .. }
+        | RolloutError::Internal(_) => exit::FAILED,
     }
 }

@@ -11,4 +11,5 @@ mod harness;
 mod lifecycle;
 mod quickstart;
 mod recipe;
+mod rollout;
 mod rollout_sim;

@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+pub mod fleet;
+pub mod journal;
+
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};

@@ -1,6 +1,7 @@
 //! The command line: global flags, one module per subcommand (an `Args` struct
 //! whose doc comments are the help text, and a `run` function).
 
+pub mod abort;
 pub mod bake;
 pub mod channels;
 pub mod completions;
@@ -9,10 +10,14 @@ pub mod doctor;
 pub mod drift;
 pub mod gc;
 pub mod hash;
+pub mod history;
 pub mod images;
 pub mod promote;
 pub mod prune;
 pub mod render;
+pub mod rollback;
+pub mod rollout;
+pub mod status;
 
 use std::path::PathBuf;
 
@@ -89,6 +94,11 @@ pub enum Command {
     Diff(diff::Args),
     Doctor(doctor::Args),
     Completions(completions::Args),
+    Rollout(rollout::Args),
+    Rollback(rollback::Args),
+    Status(status::Args),
+    History(history::Args),
+    Abort(abort::Args),
 }
 
 /// What every subcommand gets: the global flags, the output, and lazily the
@@ -182,6 +192,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             doctor::run(&mut ctx, args).await
         }
         Command::Completions(args) => completions::run(&mut ctx, args).await,
+        Command::Rollout(args) => rollout::run(&mut ctx, args).await,
+        Command::Rollback(args) => rollback::run(&mut ctx, args).await,
+        Command::Status(args) => status::run(&mut ctx, args).await,
+        Command::History(args) => history::run(&mut ctx, args).await,
+        Command::Abort(args) => abort::run(&mut ctx, args).await,
     }
 }
 
