@@ -43,6 +43,7 @@ pub enum Error {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
     Rollout(#[from] RolloutError),
     /// A rollout that ran to its end without reaching its target image.
     #[error("ASG {asg}: rollout to {target} {}: {reason}", match outcome {
