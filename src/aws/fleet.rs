@@ -222,7 +222,7 @@ impl AwsFleet {
                     asg,
                     "DescribeTargetHealth",
                     AwsError::call(
-                        "elasticloadbalancingv2",
+                        "elasticloadbalancing",
                         "DescribeTargetHealth",
                         self.region(),
                         e,
@@ -590,7 +590,7 @@ impl Fleet for AwsFleet {
                 .await
                 .map_err(|e| {
                     AwsError::call(
-                        "elasticloadbalancingv2",
+                        "elasticloadbalancing",
                         "DeregisterTargets",
                         self.region(),
                         e,
@@ -618,7 +618,7 @@ impl Fleet for AwsFleet {
                 .await
                 .map_err(|e| {
                     AwsError::call(
-                        "elasticloadbalancingv2",
+                        "elasticloadbalancing",
                         "RegisterTargets",
                         self.region(),
                         e,
