@@ -126,6 +126,8 @@ pub struct RolloutConfig {
     pub warmup: Option<String>,
     /// Default `--deadline`, e.g. "15m".
     pub deadline: Option<String>,
+    /// Default `--poll`: the pause between observations while waiting, e.g. "5s".
+    pub poll: Option<String>,
 }
 
 impl Config {

@@ -60,10 +60,7 @@ pub enum Error {
     },
     /// `kiln status`: a rollout is failing, stuck, or ended failed.
     #[error("ASG {asg}: {why}")]
-    Unhealthy {
-        asg: String,
-        why: String,
-    },
+    Unhealthy { asg: String, why: String },
     /// Ctrl-C; the message says what was left and how to continue.
     #[error("interrupted: {0}")]
     Interrupted(String),

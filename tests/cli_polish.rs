@@ -229,6 +229,7 @@ fn kiln_toml_example_documents_every_key() {
         min_healthy,
         warmup,
         deadline,
+        poll,
     } = rollout;
     assert!(!copy_regions.is_empty(), "[bake] copy_regions");
     for (key, value) in [
@@ -247,6 +248,7 @@ fn kiln_toml_example_documents_every_key() {
         ("[rollout] min_healthy", min_healthy),
         ("[rollout] warmup", warmup),
         ("[rollout] deadline", deadline),
+        ("[rollout] poll", poll),
     ] {
         assert!(value.is_some(), "kiln.toml.example lacks {key}");
     }

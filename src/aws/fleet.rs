@@ -289,15 +289,32 @@ fn ec2_state(i: Option<&ec2::Instance>, lc: Lifecycle) -> Ec2State {
     }
 }
 
+/// How far `now` is set back to absorb whole-second launch times and NTP-level
+/// skew between this machine and AWS.
+pub const CLOCK_SLACK: Duration = Duration::from_secs(1);
+
+/// `t` truncated to the second and set back by [`CLOCK_SLACK`].
+pub fn observation_time(t: SystemTime) -> Timestamp {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Timestamp(secs.saturating_sub(CLOCK_SLACK.as_secs()) * 1000)
+}
+
 fn to_u32(v: Option<i32>) -> u32 {
     v.unwrap_or(0).max(0) as u32
 }
 
 impl Fleet for AwsFleet {
-    /// `now` is this machine's clock, not the `Date` of an AWS answer: reading the
-    /// header needs an interceptor per client, and launch times are only compared
-    /// with `now` over warm-up and deadline spans (a minute or more), where NTP-level
-    /// skew does not matter.
+    /// `now` is this machine's clock, not the `Date` of an AWS answer (reading the
+    /// header needs an interceptor per client). It is truncated to the second and
+    /// set back by [`CLOCK_SLACK`]: EC2 reports launch times in whole seconds, and
+    /// the engine tells the instances a batch launched by `launched_at >= the
+    /// batch's start` (a start taken from `now`). Without this, an instance launched
+    /// in the same second the batch began looked older than the batch, its warm-up
+    /// was skipped and its health unwatched. Erring early only means an instance
+    /// launched a moment before the batch is watched as if it were new.
     async fn observe(&self, asg: &str) -> Result<Observation> {
         let g = self.describe_group(asg).await?;
         let launch = if let Some(name) = g.launch_configuration_name() {
@@ -353,7 +370,7 @@ impl Fleet for AwsFleet {
             .filter_map(|i| i.instance_id().map(str::to_string))
             .collect();
         let details = self.describe_instances(asg, &ids).await?;
-        let now = Timestamp::from_system_time(SystemTime::now());
+        let now = observation_time(SystemTime::now());
         let instances = g
             .instances()
             .iter()
@@ -617,12 +634,7 @@ impl Fleet for AwsFleet {
                 .send()
                 .await
                 .map_err(|e| {
-                    AwsError::call(
-                        "elasticloadbalancing",
-                        "RegisterTargets",
-                        self.region(),
-                        e,
-                    )
+                    AwsError::call("elasticloadbalancing", "RegisterTargets", self.region(), e)
                 })
                 .map_err(|e| fleet_err(tg, "RegisterTargets", e))?;
         }
@@ -901,6 +913,17 @@ fn opt_vec<T, U>(v: &[T], f: impl FnMut(&T) -> U) -> Option<Vec<U>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_launched_in_the_batch_second_is_not_older_than_the_batch() {
+        // The batch starts at 12.700 s; EC2 reports an instance launched at 12.900 s
+        // as 12 s. It must still count as launched during the batch.
+        let batch_start = observation_time(std::time::UNIX_EPOCH + Duration::from_millis(12_700));
+        let ec2_launch_time = Timestamp(12_000);
+        assert!(ec2_launch_time >= batch_start);
+        // And the slack stays small against warm-up and deadline spans.
+        assert!(batch_start.0 >= 12_000 - CLOCK_SLACK.as_millis() as u64);
+    }
 
     #[test]
     fn unknown_ids_are_read_from_the_error_message() {

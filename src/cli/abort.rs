@@ -38,6 +38,7 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
             asg: args.asg.clone(),
         })?;
     let me = holder();
+    let engine_config = args.lock.engine(&ctx.rollout_config())?;
     let mut progress = Bar::new(ctx, &stored.journal);
     let result = interruptible(
         engine::abort(
@@ -46,7 +47,7 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
             &args.asg,
             &me,
             args.lock.may_take_over(),
-            &args.lock.engine(),
+            &engine_config,
             &mut progress,
         ),
         &store,

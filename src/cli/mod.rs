@@ -129,6 +129,15 @@ impl Ctx {
         Ok(self.config.as_ref().expect("just set"))
     }
 
+    /// `[rollout]` of the config already read (every rollout command reads the
+    /// config before it connects to AWS); the defaults if none was read.
+    pub fn rollout_config(&self) -> crate::config::RolloutConfig {
+        self.config
+            .as_ref()
+            .map(|c| c.file.rollout.clone())
+            .unwrap_or_default()
+    }
+
     /// Connects to AWS in the selected region; fails early, with the fix, when no
     /// region or credentials are configured.
     pub async fn aws(&mut self) -> Result<Aws> {

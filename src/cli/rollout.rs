@@ -89,9 +89,10 @@ pub struct LockArgs {
     /// this host that no longer runs is taken over; any other is refused
     #[arg(long, value_name = "HOST:PID", num_args = 0..=1, default_missing_value = "")]
     pub take_over: Option<String>,
-    /// Time between observations of the group
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s", hide = true)]
-    pub poll: Duration,
+    /// Time between observations of the group while waiting: each observation
+    /// costs a few read calls [default: kiln.toml [rollout] poll, else 5s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub poll: Option<Duration>,
 }
 
 pub fn parse_amount(s: &str) -> std::result::Result<Amount, String> {
@@ -110,6 +111,10 @@ fn config_amount(v: &Option<String>, key: &str) -> Result<Option<Amount>> {
         })
         .transpose()
 }
+
+/// Between observations while waiting: a few read calls each, so a 1000-instance
+/// group costs a handful of calls every five seconds.
+const DEFAULT_POLL: Duration = Duration::from_secs(5);
 
 fn config_duration(v: &Option<String>, key: &str) -> Result<Option<Duration>> {
     v.as_deref()
@@ -208,11 +213,20 @@ impl LockArgs {
         }
     }
 
-    pub fn engine(&self) -> EngineConfig {
-        EngineConfig {
-            poll_interval: self.poll,
-            max_cycles: None,
+    pub fn engine(&self, cfg: &RolloutConfig) -> Result<EngineConfig> {
+        let poll = match self.poll {
+            Some(p) => p,
+            None => config_duration(&cfg.poll, "poll")?.unwrap_or(DEFAULT_POLL),
+        };
+        if poll.is_zero() {
+            return Err(Error::Usage(
+                "--poll must be more than 0s: it is the pause between observations".into(),
+            ));
         }
+        Ok(EngineConfig {
+            poll_interval: poll,
+            max_cycles: None,
+        })
     }
 }
 
@@ -307,9 +321,10 @@ pub async fn drive_to(
             "{asg} launched from launch template version {selector}: pinned it to version {v}, which that resolves to now"
         ));
     }
+    let engine_config = lock.engine(&ctx.rollout_config())?;
     let mut progress = Bar::new(ctx, &stored.journal);
     let result = interruptible(
-        engine::drive(&fleet, &store, stored, &lock.engine(), &mut progress),
+        engine::drive(&fleet, &store, stored, &engine_config, &mut progress),
         &store,
         asg,
         &me,
