@@ -57,5 +57,5 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     )
     .await;
     progress.clear();
-    finish(ctx, result?, true)
+    finish(ctx, &aws, result?, true).await
 }

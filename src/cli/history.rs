@@ -63,16 +63,25 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
         println!("{}: no rollouts recorded", args.asg);
         return Ok(());
     }
-    let v = |v: Option<u64>| v.map(|v| format!(" (v{v})")).unwrap_or_default();
+    let ids = rollouts
+        .iter()
+        .flat_map(|h| [h.from_image.as_str(), h.to_image.as_str()])
+        .chain(in_progress.iter().flat_map(|p| [p.from_image, p.to_image]));
+    let labels = super::rollout::image_labels(&aws, ids).await;
+    let l = |id: &str| super::rollout::label(&labels, id).to_string();
+    let v = |v: Option<u64>| {
+        v.map(|v| format!(" [launch template v{v}]"))
+            .unwrap_or_default()
+    };
     for h in rollouts {
         println!(
             "{} .. {}  {}  {}{} -> {}{}  {:?}{}",
             h.started,
             h.ended,
             h.rollout_id,
-            h.from_image,
+            l(&h.from_image),
             v(h.from_launch_template_version),
-            h.to_image,
+            l(&h.to_image),
             v(h.to_launch_template_version),
             h.outcome,
             h.reason
@@ -84,7 +93,11 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     if let Some(p) = in_progress {
         println!(
             "{}  {}  {} -> {}  in progress ({:?})",
-            p.started, p.rollout_id, p.from_image, p.to_image, p.phase
+            p.started,
+            p.rollout_id,
+            l(&p.from_image),
+            l(&p.to_image),
+            p.phase
         );
     }
     Ok(())

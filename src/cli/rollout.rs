@@ -2,6 +2,7 @@
 //! batch. Also the pieces `rollback`, `abort` and `status` share: tuning flags, the
 //! lock holder's identity, the take-over rule and the progress display.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::{Duration, SystemTime};
 
@@ -334,7 +335,7 @@ pub async fn drive_to(
     )
     .await;
     progress.clear();
-    finish(ctx, result?, false)
+    finish(ctx, aws, result?, false).await
 }
 
 /// Run the engine until it ends or Ctrl-C. On Ctrl-C stop acting (the engine's
@@ -361,7 +362,40 @@ pub async fn interruptible<S: JournalStore>(
 }
 
 /// Print the report and turn the outcome into the exit code.
-pub fn finish(ctx: &Ctx, report: Report, aborting: bool) -> Result<()> {
+/// Human names for AMIs: `web@2 (ami-…)` for kiln's images, the id alone for
+/// others. One DescribeImages call; on any error the ids stand alone (display only).
+pub async fn image_labels<'a>(
+    aws: &Aws,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> BTreeMap<String, String> {
+    let ids: Vec<String> = ids
+        .into_iter()
+        .filter(|id| id.starts_with("ami-"))
+        .map(str::to_string)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut labels: BTreeMap<String, String> =
+        ids.iter().map(|id| (id.clone(), id.clone())).collect();
+    if ids.is_empty() {
+        return labels;
+    }
+    if let Ok(amis) = crate::registry::list_amis(aws, crate::registry::Lookup::Ids(&ids)).await {
+        for a in amis {
+            if let Some(v) = a.version {
+                labels.insert(a.id.clone(), format!("{}@{v} ({})", a.image, a.id));
+            }
+        }
+    }
+    labels
+}
+
+/// The label of `id` in `labels`, or the id itself.
+pub fn label<'a>(labels: &'a BTreeMap<String, String>, id: &'a str) -> &'a str {
+    labels.get(id).map(String::as_str).unwrap_or(id)
+}
+
+pub async fn finish(ctx: &Ctx, aws: &Aws, report: Report, aborting: bool) -> Result<()> {
     if ctx.ui.json() {
         ctx.ui.print_json(&report);
     } else {
@@ -371,11 +405,16 @@ pub fn finish(ctx: &Ctx, report: Report, aborting: bool) -> Result<()> {
             Outcome::Failed => "FAILED",
             Outcome::Aborted => "aborted and rolled back",
         };
+        let labels = image_labels(
+            aws,
+            [report.source_image.as_str(), report.target_image.as_str()],
+        )
+        .await;
         println!(
             "{} {} -> {}: {outcome} ({} batches, {} observations)",
             report.asg,
-            report.source_image,
-            report.target_image,
+            label(&labels, &report.source_image),
+            label(&labels, &report.target_image),
             report.batches,
             report.observations
         );
@@ -534,7 +573,8 @@ impl Progress for Bar {
             self.bar.set_position(0);
         }
         match e {
-            Event::Step(Step::Record(_)) => {}
+            // `Event::Finished` says it once.
+            Event::Step(Step::Record(_) | Step::Finish { .. }) => {}
             Event::Step(s @ (Step::StartRollback { .. } | Step::Stop { .. })) => {
                 self.line(format!("{}: {s}", j.asg))
             }

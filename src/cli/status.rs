@@ -157,7 +157,12 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     if ctx.ui.json() {
         ctx.ui.print_json(&out);
     } else {
-        print_human(&out);
+        let ids = out
+            .image_id
+            .iter()
+            .chain(out.instances.values().flat_map(|m| m.keys()));
+        let labels = super::rollout::image_labels(&aws, ids.map(String::as_str)).await;
+        print_human(&out, &labels);
     }
     match health {
         "ok" | "progressing" => Ok(()),
@@ -172,11 +177,15 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     }
 }
 
-fn print_human(o: &Output) {
+fn print_human(o: &Output, labels: &std::collections::BTreeMap<String, String>) {
+    use super::rollout::label;
     println!("asg {}", o.asg);
     println!(
         "image {} (launch template {} version {})",
-        o.image_id.as_deref().unwrap_or("-"),
+        o.image_id
+            .as_deref()
+            .map(|i| label(labels, i))
+            .unwrap_or("-"),
         o.launch_template.as_deref().unwrap_or("-"),
         o.launch_template_version
             .map(|v| v.to_string())
@@ -187,7 +196,10 @@ fn print_human(o: &Output) {
         o.capacity.min, o.capacity.max, o.capacity.desired
     );
     for (az, images) in &o.instances {
-        let list: Vec<String> = images.iter().map(|(i, n)| format!("{n} on {i}")).collect();
+        let list: Vec<String> = images
+            .iter()
+            .map(|(i, n)| format!("{n} on {}", label(labels, i)))
+            .collect();
         println!("  {az}: {}", list.join(", "));
     }
     match &o.rollout {
