@@ -9,12 +9,14 @@
 //! * [`engine`]: the executor loop over two seams, [`Fleet`] (the ASG and its
 //!   instances: the AWS adapter, or the simulator) and [`JournalStore`] (the journal
 //!   and lock in the cloud);
+//! * [`status`]: `kiln status`, from one observation, the journal and `decide`;
 //! * [`sim`]: an in-memory fleet on virtual time for tests and benchmarks.
 
 pub mod engine;
 pub mod model;
 pub mod plan;
 pub mod sim;
+pub mod status;
 
 pub use engine::{
     abort, drive, start, EngineConfig, Event, Fleet, JournalStore, Progress, Report, Revision,
