@@ -19,14 +19,15 @@ pub mod sim;
 pub mod status;
 
 pub use engine::{
-    abort, drive, start, EngineConfig, Event, Fleet, JournalStore, Progress, Report, Revision,
-    StartRequest, Stored,
+    abort, drive, history, local_holder_is_gone, previous_image, start, BatchSummary, EngineConfig,
+    Event, Fleet, JournalStore, Progress, Report, Revision, StartRequest, Stored,
 };
 pub use model::{
     Amount, Capacity, HistoryEntry, Holder, Instance, Journal, Observation, Outcome, Phase,
     RolloutSpec,
 };
 pub use plan::{decide, plan_schedule, Plan, PlanAssumptions, Step, WaitFor};
+pub use status::{status, status_of, Status};
 
 /// Everything that can stop a rollout command, with what the operator needs to act.
 #[derive(Debug, thiserror::Error)]
