@@ -289,8 +289,8 @@ async fn second_rollout_is_refused_naming_the_holder() {
     };
     let err = engine::start(&sim, &sim, req, |_| true).await.unwrap_err();
     assert!(matches!(err, RolloutError::InProgress { .. }), "{err}");
-    // The first one still finishes (its lock was given back by the refused run? no:
-    // the refused run took it over; a re-run of the same rollout takes it again).
+    // The refused run took the (dead) holder's lock and gave it back on refusing;
+    // re-running the same rollout resumes it, finishes, and releases the lock.
     drop(stored);
     let r = roll(&sim, &spec(NEW), 4).await.unwrap();
     assert_eq!(r.outcome, Outcome::Succeeded);
