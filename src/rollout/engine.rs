@@ -257,6 +257,19 @@ async fn lock<J: JournalStore>(
     }
 }
 
+/// The take-over rule `kiln rollout` and `kiln abort` use without `--take-over`: a
+/// lock held from this host by a process that no longer exists (killed, crashed)
+/// may be taken, so re-running after a SIGKILL resumes. A holder on another host
+/// cannot be checked from here and is never taken without `--take-over`. (A reused
+/// pid makes the check say "alive": the safe direction.)
+pub fn local_holder_is_gone(holder: &Holder, this_host: &str) -> bool {
+    let proc_fs = std::path::Path::new("/proc/self").exists();
+    holder.host == this_host
+        && holder.pid != std::process::id()
+        && proc_fs
+        && !std::path::Path::new(&format!("/proc/{}", holder.pid)).exists()
+}
+
 /// Take the lock and load or create the journal for a rollout toward
 /// `req.spec.target_image`. A rollout in progress toward the same image is resumed
 /// (with its recorded spec); toward another image it is refused.
@@ -501,4 +514,32 @@ async fn act<F: Fleet>(fleet: &F, asg: &str, step: &Step) -> Result<Acted> {
         }
     }
     Ok(Acted::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_local_holder_may_be_taken_over() {
+        let me = Holder {
+            who: "op".into(),
+            host: "box".into(),
+            pid: std::process::id(),
+            started: Timestamp(0),
+        };
+        // Ourselves: alive.
+        assert!(!local_holder_is_gone(&me, "box"));
+        // A pid that cannot exist (above Linux's pid_max).
+        let dead = Holder {
+            pid: 4_194_304 + 7,
+            ..me.clone()
+        };
+        assert_eq!(
+            local_holder_is_gone(&dead, "box"),
+            std::path::Path::new("/proc/self").exists()
+        );
+        // Another host: never without --take-over.
+        assert!(!local_holder_is_gone(&dead, "other-box"));
+    }
 }

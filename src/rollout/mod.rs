@@ -9,22 +9,25 @@
 //! * [`engine`]: the executor loop over two seams, [`Fleet`] (the ASG and its
 //!   instances: the AWS adapter, or the simulator) and [`JournalStore`] (the journal
 //!   and lock in the cloud);
+//! * [`status`]: `kiln status`, from one observation, the journal and `decide`;
 //! * [`sim`]: an in-memory fleet on virtual time for tests and benchmarks.
 
 pub mod engine;
 pub mod model;
 pub mod plan;
 pub mod sim;
+pub mod status;
 
 pub use engine::{
-    abort, drive, start, EngineConfig, Event, Fleet, JournalStore, Progress, Report, Revision,
-    StartRequest, Stored,
+    abort, drive, history, local_holder_is_gone, previous_image, start, BatchSummary, EngineConfig,
+    Event, Fleet, JournalStore, Progress, Report, Revision, StartRequest, Stored,
 };
 pub use model::{
     Amount, Capacity, HistoryEntry, Holder, Instance, Journal, Observation, Outcome, Phase,
     RolloutSpec,
 };
 pub use plan::{decide, plan_schedule, Plan, PlanAssumptions, Step, WaitFor};
+pub use status::{status, status_of, Status};
 
 /// Everything that can stop a rollout command, with what the operator needs to act.
 #[derive(Debug, thiserror::Error)]

@@ -711,3 +711,86 @@ impl Journal {
             .map(|h| h.from_image.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_parse_and_resolve_on_the_safe_side() {
+        assert_eq!("25%".parse::<Amount>(), Ok(Amount::Percent(25)));
+        assert_eq!(" 3 ".parse::<Amount>(), Ok(Amount::Count(3)));
+        assert!("150%".parse::<Amount>().is_err());
+        assert!("many".parse::<Amount>().is_err());
+        // Surge rounds up and is at least one; the floor rounds up.
+        let mut spec = RolloutSpec::new("ami-1");
+        spec.max_surge = Amount::Percent(25);
+        assert_eq!(spec.surge(3), 1);
+        assert_eq!(spec.surge(10), 3);
+        spec.max_surge = Amount::Percent(0);
+        assert_eq!(spec.surge(10), 1);
+        spec.min_healthy = Amount::Percent(90);
+        assert_eq!(spec.floor(5), 5);
+        assert_eq!(spec.floor(10), 9);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_in_json() {
+        let t = Timestamp(1_790_000_000_123);
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, "\"2026-09-21T14:13:20.123Z\"");
+        assert_eq!(serde_json::from_str::<Timestamp>(&json).unwrap(), t);
+    }
+
+    #[test]
+    fn history_keeps_the_newest() {
+        let obs = Observation {
+            now: Timestamp(0),
+            group: GroupState {
+                name: "g".into(),
+                min: 1,
+                max: 2,
+                desired: 1,
+                launch: LaunchSource::Template {
+                    id: "lt".into(),
+                    version: 1,
+                    image_id: "ami-0".into(),
+                    mixed_instances_policy: false,
+                },
+                suspended: BTreeSet::new(),
+                target_groups: vec![],
+                health_check_grace: Duration::ZERO,
+            },
+            instances: vec![],
+            target_health: BTreeMap::new(),
+        };
+        let h = Holder {
+            who: "me".into(),
+            host: "h".into(),
+            pid: 1,
+            started: Timestamp(0),
+        };
+        let mut j = Journal::begin("r", h, RolloutSpec::new("ami-1"), &obs, None).unwrap();
+        for n in 0..(HISTORY_LEN + 5) {
+            j.push_history(HistoryEntry {
+                rollout_id: format!("r{n}"),
+                from_image: format!("ami-{n}"),
+                from_launch_template_version: None,
+                to_image: format!("ami-{}", n + 1),
+                to_launch_template_version: None,
+                started: Timestamp(0),
+                ended: Timestamp(0),
+                outcome: if n % 2 == 0 {
+                    Outcome::Succeeded
+                } else {
+                    Outcome::RolledBack
+                },
+                reason: None,
+            });
+        }
+        assert_eq!(j.history.len(), HISTORY_LEN);
+        assert_eq!(j.history[0].rollout_id, "r5");
+        // The last rollout (r24) succeeded: revert to what it came from.
+        assert_eq!(j.previous_image(), Some("ami-24"));
+    }
+}

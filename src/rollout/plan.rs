@@ -325,7 +325,17 @@ pub fn decide(obs: &Observation, j: &Journal, spec: &RolloutSpec) -> Step {
 
     // 3. Failure and deadline.
     if matches!(j.phase, Phase::Rolling | Phase::RollingBack) {
-        if let Some(reason) = failure(obs, j, &fresh) {
+        // A failed new instance turns a rollout around. A rollback goes toward the
+        // image that ran fine before, so a failed instance there is more likely the
+        // environment (an AZ outage, a bad host): the ASG replaces it and the
+        // rollback carries on; only the deadline gives up on a rollback, because
+        // stopping half-way leaves a mixed fleet.
+        let failed = if j.phase == Phase::Rolling {
+            failure(obs, j, &fresh)
+        } else {
+            None
+        };
+        if let Some(reason) = failed {
             return fail(j, spec, reason);
         }
         let idle = now.since(j.last_progress_at);
