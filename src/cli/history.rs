@@ -95,8 +95,8 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
             "{}  {}  {} -> {}  in progress ({:?})",
             p.started,
             p.rollout_id,
-            l(&p.from_image),
-            l(&p.to_image),
+            l(p.from_image),
+            l(p.to_image),
             p.phase
         );
     }
