@@ -82,23 +82,43 @@ pub struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    // Listed in the order an operator meets them: images, then fleets, then
+    // housekeeping. The one-line `about`s keep `kiln --help` scannable; each
+    // command's own --help has the full text and examples.
+    #[command(about = "Print an image's content hash (-v: the manifest it covers)")]
     Hash(hash::Args),
+    #[command(about = "Write what would go onto the builder into a folder, for review")]
     Render(render::Args),
+    #[command(about = "Find the AMI with the recipe's content hash, or bake a new version")]
     Bake(bake::Args),
+    #[command(about = "List an image's versions, or resolve a ref like web@latest")]
     Images(images::Args),
-    Gc(gc::Args),
-    Prune(prune::Args),
-    Promote(promote::Args),
-    Channels(channels::Args),
-    Drift(drift::Args),
-    Diff(diff::Args),
-    Doctor(doctor::Args),
-    Completions(completions::Args),
+    #[command(about = "Roll an auto-scaling group onto an image by replacing its instances")]
     Rollout(rollout::Args),
+    #[command(about = "Roll a group back onto the image it ran before (or --to a ref)")]
     Rollback(rollback::Args),
+    #[command(about = "Show a group's image, rollout in progress and lock holder")]
     Status(status::Args),
+    #[command(about = "Show which images a group ran, when, and how each rollout ended")]
     History(history::Args),
+    #[command(about = "Stop a rollout (even a killed one) and roll it back")]
     Abort(abort::Args),
+    #[command(about = "Point a channel (web@prod) at a version in every region")]
+    Promote(promote::Args),
+    #[command(about = "List an image's channels and their promotion history")]
+    Channels(channels::Args),
+    #[command(about = "Show which inputs changed between two versions")]
+    Diff(diff::Args),
+    #[command(about = "Find instances off their launch template's image")]
+    Drift(drift::Args),
+    #[command(about = "Remove old versions nothing uses (a dry run unless --execute)")]
+    Prune(prune::Args),
+    #[command(about = "Remove temporaries a killed bake left behind")]
+    Gc(gc::Args),
+    #[command(about = "Check credentials, config, network and groups; say how to fix each")]
+    Doctor(doctor::Args),
+    #[command(about = "Print a shell completion script (bash, zsh, fish)")]
+    Completions(completions::Args),
 }
 
 /// What every subcommand gets: the global flags, the output, and lazily the
