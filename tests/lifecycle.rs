@@ -590,8 +590,9 @@ fn diff_shows_the_template_change_between_two_bakes() {
     );
     assert!(
         report["packages"].is_null(),
-        "moto's SSM returns no output\n{d}"
+        "moto's builders run nothing, so they upload no package list\n{d}"
     );
+    assert_eq!(report["from"]["packages_recorded"], false, "{d}");
 
     let human = p.kiln(
         moto::endpoint(),
@@ -718,5 +719,218 @@ fn prune_keeps_versions_mentioned_in_rollout_history() {
         v1["reasons"][0]["parameter"],
         format!("/kiln/rollout/{group}/history"),
         "{run}"
+    );
+}
+
+/// The presigned PUT URL for the package list in a SendCommand request body
+/// (the provisioning script's `curl ... -T "$p" '<url>'` line), if any.
+fn package_upload_url(send_command: &[u8]) -> Option<String> {
+    let body: Value = serde_json::from_slice(send_command).ok()?;
+    let script = body["Parameters"]["commands"][0].as_str()?;
+    let rest = &script[script.find("-T \"$p\" '")? + "-T \"$p\" '".len()..];
+    Some(rest[..rest.find('\'')?].to_string())
+}
+
+/// PUTs `bytes` to `url` with curl, as the builder's bootstrap does, straight
+/// to moto (the builder talks to S3, not through kiln's proxy).
+fn curl_put(url: &str, bytes: &[u8]) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("curl")
+        .args(["-fsS", "-T", "-", url])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("curl");
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    assert!(child.wait().unwrap().success(), "curl -T {url}");
+}
+
+/// Plays the builder's part, which moto's instances never run: when kiln sends
+/// the provisioning command, upload the current `list` to the presigned URL the
+/// command carries, before kiln sees SendCommand's answer. Returns the URLs seen.
+fn play_builder(
+    proxy: &Proxy,
+    list: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen2, front) = (seen.clone(), proxy.endpoint());
+    proxy.rewrite_exchange("ssm:SendCommand", move |request, answer| {
+        if let Some(url) = package_upload_url(request) {
+            seen2.lock().unwrap().push(url.clone());
+            if let Some(l) = list.lock().unwrap().clone() {
+                curl_put(&url.replacen(&front, moto::endpoint(), 1), l.as_bytes());
+            }
+        }
+        answer.to_vec()
+    });
+    seen
+}
+
+/// Three real bakes. The first two builders upload their `dpkg-query -W`
+/// lists (played by the test through the presigned URL kiln put in the
+/// provisioning command): `kiln diff` shows the added, removed and changed
+/// packages, and the bake made exactly one extra read (GetObject) for it. The
+/// third builder uploads nothing: the bake still succeeds, says no package list
+/// was recorded, and `kiln diff` says packages are not compared. A list
+/// replaced in S3 after its bake is reported, not compared.
+#[test]
+fn diff_shows_package_changes_recorded_by_the_bakes() {
+    use crate::bake::{bake, project, setup};
+    let env = setup();
+    let image = moto::unique("web");
+    let p = project(&env, &image, "");
+    let list = std::sync::Arc::new(std::sync::Mutex::new(Some(
+        "curl\t7.35.0-1ubuntu2.20\nopenssl\t1.0.1f-1ubuntu2.27\nvim\t2:7.4.052-1ubuntu3\n"
+            .to_string(),
+    )));
+    let proxy = Proxy::start(moto::endpoint());
+    let urls = play_builder(&proxy, list.clone());
+    let touch_template = |line: &str| {
+        let upstart = p.root().join("templates/trusty/upstart.conf.tera");
+        let text = std::fs::read_to_string(&upstart).unwrap() + line;
+        std::fs::write(&upstart, text).unwrap();
+    };
+
+    let first = bake(&p, &proxy.endpoint(), &image, &[]);
+    first.expect_ok();
+    let out = json(&first);
+    let hash1 = out["hash"].as_str().unwrap();
+    assert_eq!(out["packages"]["count"], 3, "{first}");
+    assert_eq!(
+        out["packages"]["key"],
+        format!("kiln/packages/{image}/{hash1}.txt").as_str(),
+        "{first}"
+    );
+    assert_eq!(urls.lock().unwrap().len(), 1, "one provisioning command");
+    assert!(
+        urls.lock().unwrap()[0].contains(&format!("kiln/packages/{image}/{hash1}.txt?")),
+        "{:?}",
+        urls.lock().unwrap()
+    );
+    assert_eq!(proxy.count("s3:GetObject"), 1, "{}", proxy.summary());
+    assert!(
+        proxy.total_calls() < 21,
+        "still fewer calls than Packer\n{}",
+        proxy.summary()
+    );
+    eprintln!("full bake with a package list:\n{}", proxy.summary());
+
+    // A cache hit reads no package list: still 2 calls.
+    let hit = Proxy::start(moto::endpoint());
+    bake(&p, &hit.endpoint(), &image, &[]).expect_ok();
+    assert_eq!(hit.count("s3:GetObject"), 0, "{}", hit.summary());
+    assert!(hit.total_calls() <= 2, "{}", hit.summary());
+
+    touch_template("# two\n");
+    *list.lock().unwrap() = Some(
+        "curl\t7.35.0-1ubuntu2.21\njq\t1.3-1.1ubuntu1\nopenssl\t1.0.1f-1ubuntu2.27\n".to_string(),
+    );
+    let second = bake(&p, &proxy.endpoint(), &image, &[]);
+    second.expect_ok();
+    assert_eq!(json(&second)["packages"]["count"], 3, "{second}");
+
+    let d = p.kiln(
+        moto::endpoint(),
+        &[
+            "--output",
+            "json",
+            "diff",
+            &format!("{image}@1"),
+            &format!("{image}@2"),
+        ],
+    );
+    d.expect_ok();
+    let report = json(&d);
+    assert_eq!(report["from"]["packages_recorded"], true, "{d}");
+    assert_eq!(report["to"]["packages_recorded"], true, "{d}");
+    let packages: Vec<(String, Value, Value)> = report["packages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("packages compared\n{d}"))
+        .iter()
+        .map(|c| {
+            assert_eq!(c["kind"], "package", "{d}");
+            (
+                c["key"].as_str().unwrap().to_string(),
+                c["old"].clone(),
+                c["new"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        packages,
+        vec![
+            (
+                "curl".to_string(),
+                Value::from("7.35.0-1ubuntu2.20"),
+                Value::from("7.35.0-1ubuntu2.21")
+            ),
+            ("jq".to_string(), Value::Null, Value::from("1.3-1.1ubuntu1")),
+            (
+                "vim".to_string(),
+                Value::from("2:7.4.052-1ubuntu3"),
+                Value::Null
+            ),
+        ],
+        "{d}"
+    );
+    assert_eq!(report["changes"].as_array().unwrap().len(), 1, "{d}");
+    let human = p.kiln(
+        moto::endpoint(),
+        &["diff", &format!("{image}@1"), &format!("{image}@2")],
+    );
+    human.expect_ok();
+    for line in [
+        "changed package curl: 7.35.0-1ubuntu2.20 -> 7.35.0-1ubuntu2.21",
+        "added   package jq: 1.3-1.1ubuntu1",
+        "removed package vim: 2:7.4.052-1ubuntu3",
+    ] {
+        assert!(human.stdout.contains(line), "{line}\n{human}");
+    }
+
+    // A builder that uploads nothing: the bake succeeds without a list.
+    *list.lock().unwrap() = None;
+    touch_template("# three\n");
+    let third = p.kiln(&proxy.endpoint(), &["bake", &image]);
+    third.expect_ok();
+    assert!(third.stderr.contains("no package list recorded"), "{third}");
+    let d = p.kiln(
+        moto::endpoint(),
+        &[
+            "--output",
+            "json",
+            "diff",
+            &format!("{image}@2"),
+            &format!("{image}@3"),
+        ],
+    );
+    d.expect_ok();
+    let report = json(&d);
+    assert!(report["packages"].is_null(), "{d}");
+    assert_eq!(report["to"]["packages_recorded"], false, "{d}");
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains(&format!("{image}@3 has no package list recorded")),
+        "{d}"
+    );
+
+    // Version 1's list replaced in S3 after its bake: reported, not compared.
+    let url = urls.lock().unwrap()[0].replacen(&proxy.endpoint(), moto::endpoint(), 1);
+    curl_put(&url, b"curl\t0\n");
+    let d = p.kiln(
+        moto::endpoint(),
+        &[
+            "--output",
+            "json",
+            "diff",
+            &format!("{image}@1"),
+            &format!("{image}@2"),
+        ],
+    );
+    d.expect_ok();
+    let report = json(&d);
+    assert!(report["packages"].is_null(), "{d}");
+    assert!(
+        report["notes"].to_string().contains("replaced since"),
+        "{d}"
     );
 }

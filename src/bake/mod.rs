@@ -117,6 +117,9 @@ pub struct Outcome {
     pub regions: BTreeMap<String, String>,
     /// `passed`, `skipped`, or `not-run` (reused a ready image).
     pub boot_test: String,
+    /// Where this bake recorded the image's installed-package list (null when
+    /// it built nothing, or the builder uploaded no list).
+    pub packages: Option<registry::packages::PackageList>,
     pub run_id: String,
     /// What a dry run would do, one line per action.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -305,6 +308,7 @@ async fn pipeline(
         action: String::new(),
         regions: BTreeMap::new(),
         boot_test: "not-run".into(),
+        packages: None,
         run_id: run_id.clone(),
         plan: Vec::new(),
         timings: Vec::new(),
@@ -400,7 +404,7 @@ async fn pipeline(
                 &launch.profile,
                 "provisioning",
                 &format!("kiln {image} provision {short}"),
-                &bootstrap,
+                &bootstrap.script,
                 settings.provision_timeout,
                 &step,
             )
@@ -411,6 +415,15 @@ async fn pipeline(
                 "No image was made; the builder is being terminated.",
             )?;
             clock.record("provision", t.elapsed());
+
+            // One GetObject, on the build path only.
+            outcome.packages = match &bootstrap.packages {
+                Some((bucket, key)) => read_package_list(aws, bucket, key, ui).await,
+                None => {
+                    ui.note("no package list recorded: [bake] bucket is not set, so the builder has nowhere to upload it");
+                    None
+                }
+            };
 
             let t = Instant::now();
             let step = ui.step("claiming a version number");
@@ -426,7 +439,7 @@ async fn pipeline(
                     claimed_at: rfc3339(SystemTime::now()),
                     // Recorded with the claim, for `kiln diff`: no extra call.
                     manifest: req.prepared.manifest(&req.base_ami).lines,
-                    packages: None,
+                    package_list: outcome.packages.clone(),
                 },
                 &with_ami,
             )
@@ -824,27 +837,40 @@ async fn registry_base_exists(aws: &Aws, ami: &str) -> Result<bool, BakeError> {
     }
 }
 
+/// The provisioning command, and where its builder uploads the package list.
+struct Bootstrap {
+    script: String,
+    /// (bucket, key) of the package list, when there is a bucket to put it in.
+    packages: Option<(String, String)>,
+}
+
 /// The provisioning command, with presigned GET URLs for local artifacts (no
-/// AWS CLI on trusty; curl fetches them) and the recipe's URLs for remote ones.
-async fn build_bootstrap(aws: &Aws, s: &Settings, req: &Request<'_>) -> Result<String, BakeError> {
+/// AWS CLI on trusty; curl fetches them), the recipe's URLs for remote ones,
+/// and, when `[bake] bucket` is set, a presigned PUT URL for the package list.
+async fn build_bootstrap(
+    aws: &Aws,
+    s: &Settings,
+    req: &Request<'_>,
+) -> Result<Bootstrap, BakeError> {
     let s3 = aws.s3();
+    // Valid for the whole bake (presigning is local: no call).
+    let presign = |operation: &'static str| {
+        aws_sdk_s3::presigning::PresigningConfig::expires_in(s.agent_timeout + s.provision_timeout)
+            .map_err(|e| AwsError::Call {
+                service: "s3",
+                operation,
+                region: aws.region().to_string(),
+                code: None,
+                message: e.to_string(),
+            })
+    };
     let mut fetches = Vec::new();
     for a in &req.prepared.artifacts {
         let url = match &a.source {
             ArtifactSource::Url(u) => u.clone(),
             ArtifactSource::Local { .. } => {
                 let bucket = s.bucket.clone().expect("checked in preflight");
-                // Valid for the whole bake (presigning is local: no call).
-                let cfg = aws_sdk_s3::presigning::PresigningConfig::expires_in(
-                    s.agent_timeout + s.provision_timeout,
-                )
-                .map_err(|e| AwsError::Call {
-                    service: "s3",
-                    operation: "GetObject (presign)",
-                    region: aws.region().to_string(),
-                    code: None,
-                    message: e.to_string(),
-                })?;
+                let cfg = presign("GetObject (presign)")?;
                 s3.get_object()
                     .bucket(bucket)
                     .key(format!("{ARTIFACT_PREFIX}{}", a.sha256))
@@ -861,7 +887,24 @@ async fn build_bootstrap(aws: &Aws, s: &Settings, req: &Request<'_>) -> Result<S
             sha256: a.sha256.clone(),
         });
     }
-    let script = scripts::bootstrap(&req.prepared.rendered, &fetches);
+    let mut packages = None;
+    let mut put_url = None;
+    if let Some(bucket) = &s.bucket {
+        let key = registry::packages::key(&req.prepared.recipe.name, &req.hash);
+        let cfg = presign("PutObject (presign)")?;
+        put_url = Some(
+            s3.put_object()
+                .bucket(bucket)
+                .key(&key)
+                .presigned(cfg)
+                .await
+                .map_err(|e| AwsError::call("s3", "PutObject (presign)", aws.region(), e))?
+                .uri()
+                .to_string(),
+        );
+        packages = Some((bucket.clone(), key));
+    }
+    let script = scripts::bootstrap(&req.prepared.rendered, &fetches, put_url.as_deref());
     if script.len() > MAX_COMMAND_BYTES {
         return Err(BakeError::TooLarge {
             image: req.prepared.recipe.name.clone(),
@@ -869,7 +912,32 @@ async fn build_bootstrap(aws: &Aws, s: &Settings, req: &Request<'_>) -> Result<S
             limit: MAX_COMMAND_BYTES,
         });
     }
-    Ok(script)
+    Ok(Bootstrap { script, packages })
+}
+
+/// Reads back the package list the builder uploaded. It is a record of the
+/// bake, not part of the image, so nothing here fails the bake: a missing
+/// object (moto, a provision script that writes no list, a builder that could
+/// not reach S3) or an unreadable one is a note, and the version records none.
+async fn read_package_list(
+    aws: &Aws,
+    bucket: &str,
+    key: &str,
+    ui: &Ui,
+) -> Option<registry::packages::PackageList> {
+    match registry::packages::read(aws, bucket, key).await {
+        Ok(Some(bytes)) => Some(registry::packages::PackageList::of(bucket, key, &bytes)),
+        Ok(None) => {
+            ui.note(format!(
+                "no package list recorded: the builder uploaded none to s3://{bucket}/{key}"
+            ));
+            None
+        }
+        Err(e) => {
+            ui.note(format!("no package list recorded: {e}"));
+            None
+        }
+    }
 }
 
 async fn upload_artifacts(

@@ -55,9 +55,21 @@ pub struct Fetch {
     pub sha256: String,
 }
 
+/// The file `provision.sh` writes its `dpkg-query -W` output to, in the
+/// staging directory (templates/trusty/provision.sh.tera).
+pub const PACKAGES_FILE: &str = "packages.txt";
+
 /// The provisioning command: stage every rendered file (base64, so any byte
 /// survives), fetch and verify every artifact, then run `provision.sh` with bash.
-pub fn bootstrap(rendered: &[RenderedFile], fetches: &[Fetch]) -> String {
+/// When provisioning succeeded and `packages_url` is given (a presigned S3 PUT
+/// URL), upload the package list `provision.sh` wrote. The upload is a record,
+/// not part of the image: when it fails the script says so and still exits 0,
+/// and the bake records no package list for the version.
+pub fn bootstrap(
+    rendered: &[RenderedFile],
+    fetches: &[Fetch],
+    packages_url: Option<&str>,
+) -> String {
     let mut s = String::new();
     s.push_str("set -eu\numask 022\n");
     s.push_str(&format!("d={}\n", quote(STAGING_DIR)));
@@ -102,7 +114,25 @@ mkdir -p "$d/files" "$d/artifacts"
             ));
         }
     }
-    s.push_str("exec bash \"$d/provision.sh\"\n");
+    let Some(url) = packages_url else {
+        s.push_str("exec bash \"$d/provision.sh\"\n");
+        return s;
+    };
+    // Not exec: the upload runs after it. `set -e` ends the script with
+    // provision.sh's exit status when it fails, before any upload.
+    s.push_str("bash \"$d/provision.sh\"\n");
+    s.push_str(&format!("p=\"$d\"/{}\n", quote(PACKAGES_FILE)));
+    s.push_str(&format!(
+        r#"if [ ! -s "$p" ]; then
+    echo "[kiln] WARNING: provision.sh wrote no $p: no package list is recorded" >&2
+elif curl -fsS --retry 5 --retry-delay 5 --connect-timeout 20 -T "$p" {}; then
+    echo "[kiln] package list uploaded: $(grep -c . <"$p") packages"
+else
+    echo "[kiln] WARNING: uploading $p failed: no package list is recorded" >&2
+fi
+"#,
+        quote(url)
+    ));
     s
 }
 
@@ -198,9 +228,18 @@ mod tests {
                     url: "https://b/k?X-Amz-Signature=a&b=c'd".into(),
                     sha256: "ab".repeat(32),
                 }],
+                None,
             ),
         );
-        sh_n("sh", &bootstrap(&rendered(), &[]));
+        sh_n("sh", &bootstrap(&rendered(), &[], None));
+        sh_n(
+            "sh",
+            &bootstrap(
+                &rendered(),
+                &[],
+                Some("https://b/k.txt?X-Amz-Signature=a&b=c'd"),
+            ),
+        );
         sh_n("bash", &user_data());
         sh_n(
             "sh",
@@ -229,6 +268,7 @@ mod tests {
                     url: format!("file://{}", art.display()),
                     sha256: sha.into(),
                 }],
+                None,
             )
             .replace(
                 &format!("d={}", quote(STAGING_DIR)),
@@ -266,6 +306,110 @@ mod tests {
                 && !String::from_utf8_lossy(&out.stdout).contains("provisioned"),
             "{err}"
         );
+    }
+
+    /// The bootstrap with a package upload, run for real: staging redirected,
+    /// `provision` as provision.sh's body, and a `file://` URL standing in for
+    /// the presigned PUT (curl -T writes the upload there; `bad_url` gives one
+    /// curl cannot write to).
+    fn run_with_upload(provision: &str, bad_url: bool) -> (std::process::Output, Option<Vec<u8>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let stage = dir.path().join("stage");
+        let uploaded = dir.path().join("uploaded.txt");
+        let url = if bad_url {
+            format!("file://{}/no/such/dir/x.txt", dir.path().display())
+        } else {
+            format!("file://{}", uploaded.display())
+        };
+        let mut files = rendered();
+        files[0].bytes = format!("#!/bin/bash\n{provision}\n").into_bytes();
+        let script = bootstrap(&files, &[], Some(&url)).replace(
+            &format!("d={}", quote(STAGING_DIR)),
+            &format!("d={}", quote(stage.to_str().unwrap())),
+        );
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap();
+        (out, std::fs::read(&uploaded).ok())
+    }
+
+    const WRITES_LIST: &str = r#"printf 'curl\t7.35.0-1ubuntu2.20\nopenssl\t1.0.1f-1ubuntu2.27\n' >"$(dirname "$0")/packages.txt""#;
+
+    #[test]
+    fn bootstrap_uploads_the_package_list_after_provisioning() {
+        let (out, uploaded) = run_with_upload(&format!("{WRITES_LIST}; echo provisioned"), false);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            uploaded.as_deref(),
+            Some(&b"curl\t7.35.0-1ubuntu2.20\nopenssl\t1.0.1f-1ubuntu2.27\n"[..]),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("provisioned\n[kiln] package list uploaded: 2 packages"),
+            "{stdout}"
+        );
+    }
+
+    #[test]
+    fn a_failed_provisioning_uploads_nothing_and_keeps_its_exit_status() {
+        let (out, uploaded) = run_with_upload(&format!("{WRITES_LIST}; exit 7"), false);
+        assert_eq!(out.status.code(), Some(7));
+        assert_eq!(uploaded, None);
+    }
+
+    #[test]
+    fn no_list_or_a_failed_upload_is_a_warning_not_a_failed_bake() {
+        let (out, uploaded) = run_with_upload("echo provisioned", false);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert_eq!(uploaded, None);
+        assert!(
+            err.contains("wrote no") && err.contains("no package list is recorded"),
+            "{err}"
+        );
+
+        let (out, _) = run_with_upload(WRITES_LIST, true);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains("failed: no package list is recorded"), "{err}");
+    }
+
+    /// shellcheck as dash (what AWS-RunShellScript runs) finds nothing in the
+    /// bootstrap with an upload, when shellcheck is installed.
+    #[test]
+    fn bootstrap_with_upload_passes_shellcheck() {
+        let script = bootstrap(
+            &rendered(),
+            &[Fetch {
+                name: "app".into(),
+                url: "https://b/k?X-Amz-Signature=a&b=c'd".into(),
+                sha256: "ab".repeat(32),
+            }],
+            Some("https://b/kiln/packages/web/h.txt?X-Amz-Signature=a&b=c'd"),
+        );
+        assert!(script.contains("curl -fsS --retry 5 --retry-delay 5 --connect-timeout 20 -T \"$p\" 'https://b/kiln/packages/web/h.txt?X-Amz-Signature=a&b=c'\\''d'"), "{script}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sh");
+        std::fs::write(&p, &script).unwrap();
+        match std::process::Command::new("shellcheck")
+            .args(["--shell=dash", "--severity=warning"])
+            .arg(&p)
+            .output()
+        {
+            Ok(out) => assert!(
+                out.status.success(),
+                "{}\n{script}",
+                String::from_utf8_lossy(&out.stdout)
+            ),
+            Err(e) => eprintln!("shellcheck not run: {e}"),
+        }
     }
 
     #[test]

@@ -109,4 +109,7 @@ fn print(ctx: &Ctx, o: &Outcome) {
     for (region, ami) in &o.regions {
         println!("  {region:<16} {ami}");
     }
+    if let Some(p) = &o.packages {
+        println!("  packages: {} recorded at {}", p.count, p.location());
+    }
 }

@@ -4,15 +4,18 @@ use serde::Serialize;
 
 use super::Ctx;
 use crate::lifecycle::diff::{self, Change};
-use crate::registry::{self, claim, ImageVersion};
+use crate::registry::{self, claim, packages, ImageVersion};
 use crate::Result;
 
 /// Show which inputs changed between two versions: rendered templates and
 /// files, artifacts, the Java pin, the base AMI, the recipe file. Read from
 /// the manifest each bake records in the home region; for versions baked
 /// before manifests were recorded, only the base AMI, Java pin and content
-/// hash (from the AMI tags) are compared. Installed packages are compared when
-/// both versions recorded their package list.
+/// hash (from the AMI tags) are compared. Installed packages (`dpkg-query -W`
+/// at the end of provisioning) are compared when both versions recorded their
+/// package list; the lists are read from the `[bake] bucket` they were
+/// uploaded to. Packages are an output of the bake, not part of the content
+/// hash.
 ///
 /// Examples:
 ///   kiln diff web@6 web@7
@@ -80,14 +83,36 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
             from_tags(&a, &b)
         }
     };
-    let packages = match (
-        ma.as_ref().and_then(|m| m.packages.as_ref()),
-        mb.as_ref().and_then(|m| m.packages.as_ref()),
-    ) {
-        (Some(x), Some(y)) => Some(diff::packages(x, y)),
+    // The lists are in S3 (a claim parameter holds only where, and the sha256).
+    let list_of = |m: &Option<claim::ClaimRecord>| m.as_ref().and_then(|m| m.package_list.clone());
+    let (la, lb) = (list_of(&ma), list_of(&mb));
+    let packages = match (&la, &lb) {
+        (Some(x), Some(y)) => {
+            let (pa, pb) = futures::join!(packages::fetch(&aws, x), packages::fetch(&aws, y));
+            match (pa, pb) {
+                (Ok(pa), Ok(pb)) => Some(diff::packages(&pa, &pb)),
+                (pa, pb) => {
+                    for (v, r) in [(&a, pa), (&b, pb)] {
+                        if let Err(why) = r {
+                            notes.push(format!(
+                                "installed packages are not compared: the package list of {}@{} cannot be read: {why}",
+                                v.image, v.version
+                            ));
+                        }
+                    }
+                    None
+                }
+            }
+        }
         _ => {
-            notes
-                .push("installed packages are not compared: not recorded for both versions".into());
+            for (v, l) in [(&a, &la), (&b, &lb)] {
+                if l.is_none() {
+                    notes.push(format!(
+                        "installed packages are not compared: {}@{} has no package list recorded",
+                        v.image, v.version
+                    ));
+                }
+            }
             None
         }
     };
@@ -96,7 +121,7 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
         version: v.version,
         hash: v.hash.clone(),
         manifest_recorded: m.as_ref().is_some_and(|m| !m.manifest.is_empty()),
-        packages_recorded: m.as_ref().is_some_and(|m| m.packages.is_some()),
+        packages_recorded: m.as_ref().is_some_and(|m| m.package_list.is_some()),
     };
     let report = Report {
         from: side(&a, &ma),

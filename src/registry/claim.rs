@@ -35,15 +35,19 @@ pub struct ClaimRecord {
     /// before it was recorded, or when it does not fit (see [`MAX_VALUE`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub manifest: Vec<String>,
-    /// The image's `dpkg-query -W` output, when the bake could read it back.
+    /// Where the image's `dpkg-query -W` output is kept in S3, with its
+    /// sha256, when the builder uploaded it (see [`super::packages`]). The list
+    /// itself does not fit in a parameter. Not part of the content hash: it is
+    /// an output of the bake, not an input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub packages: Option<Vec<String>>,
+    pub package_list: Option<super::packages::PackageList>,
 }
 
 /// A standard parameter holds 4 KB and an advanced one 8 KB. A record over 4 KB
 /// is written with the Intelligent-Tiering tier (SSM picks advanced); one
-/// over 8 KB drops its manifest and package list, so a huge recipe costs
-/// `kiln diff` its detail, never a bake its version claim.
+/// over 8 KB drops its manifest (keeping the few hundred bytes that locate the
+/// package list), so a huge recipe costs `kiln diff` its detail, never a bake
+/// its version claim.
 const STANDARD_VALUE: usize = 4096;
 const MAX_VALUE: usize = 8192;
 
@@ -58,7 +62,6 @@ fn claim_value(record: &ClaimRecord) -> (String, bool) {
     }
     let slim = ClaimRecord {
         manifest: Vec::new(),
-        packages: None,
         ..record.clone()
     };
     (
@@ -125,18 +128,15 @@ pub async fn claim_version(
     let mut next = Next::Try(with_ami.iter().max().copied().unwrap_or(0) + 1);
     let mut lost_races = 0;
     for _ in 0..MAX_ATTEMPTS {
-        let version = match next {
-            Next::Reuse(v) => {
-                return Ok(Claim {
-                    version: v,
-                    reused: true,
-                    lost_races,
-                })
-            }
-            Next::Try(v) => v,
+        let (version, reused) = match next {
+            Next::Reuse(v) => (v, true),
+            Next::Try(v) => (v, false),
         };
         record.version = version;
         let (value, advanced) = claim_value(&record);
+        // A reused claim was written by the bake that failed after claiming it:
+        // its record (run id, time, package list) is replaced with this bake's,
+        // which is the one that makes the image.
         let mut put = ssm
             .put_parameter()
             .name(parameter_name(&record.image, version))
@@ -150,20 +150,21 @@ pub async fn claim_version(
                 "kiln: version {version} of image {} is content hash {}",
                 record.image, record.hash
             ))
-            .overwrite(false)
+            .overwrite(reused)
             .send()
             .await;
         match put {
             Ok(_) => {
                 return Ok(Claim {
                     version,
-                    reused: false,
+                    reused,
                     lost_races,
                 })
             }
             Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_parameter_already_exists()) =>
+                if !reused
+                    && e.as_service_error()
+                        .is_some_and(|s| s.is_parameter_already_exists()) =>
             {
                 lost_races += 1;
                 let claims = read_claims(aws, &record.image).await?;
@@ -303,7 +304,12 @@ mod tests {
             manifest: (0..n)
                 .map(|i| format!("file f{i} mode=0644 sha256={}", "c".repeat(64)))
                 .collect(),
-            packages: None,
+            package_list: Some(crate::registry::packages::PackageList {
+                bucket: "kiln-artifacts".into(),
+                key: crate::registry::packages::key("web", &"ab".repeat(32)),
+                sha256: "cd".repeat(32),
+                count: 512,
+            }),
         };
         let (small, adv) = claim_value(&record(3));
         assert!(!adv && small.contains("file f2"));
@@ -313,6 +319,11 @@ mod tests {
         assert!(!adv && !big.contains("file f0") && big.len() <= STANDARD_VALUE);
         let back: ClaimRecord = serde_json::from_str(&big).unwrap();
         assert!(back.manifest.is_empty());
+        assert_eq!(
+            back.package_list,
+            record(200).package_list,
+            "the package list's location survives"
+        );
     }
 
     #[test]

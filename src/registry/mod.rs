@@ -9,6 +9,7 @@
 
 pub mod channel;
 pub mod claim;
+pub mod packages;
 pub mod refs;
 
 use std::collections::BTreeMap;
