@@ -199,9 +199,8 @@ pub fn split_chunks(text: &str, max: usize) -> Vec<&str> {
             out.push(&text[start..]);
             break;
         }
-        let safe = |p: usize| {
-            text.is_char_boundary(p) && !(is_word(bytes[p - 1]) && is_word(bytes[p]))
-        };
+        let safe =
+            |p: usize| text.is_char_boundary(p) && !(is_word(bytes[p - 1]) && is_word(bytes[p]));
         let cut = (start + 1..=limit)
             .rev()
             .find(|&p| safe(p))
@@ -268,8 +267,14 @@ impl SsmJournal {
         value: &str,
         overwrite: bool,
     ) -> Result<Option<i64>> {
-        self.put_tier(asg, name, value, overwrite, ParameterTier::IntelligentTiering)
-            .await
+        self.put_tier(
+            asg,
+            name,
+            value,
+            overwrite,
+            ParameterTier::IntelligentTiering,
+        )
+        .await
     }
 
     async fn put_tier(
@@ -426,7 +431,11 @@ impl SsmJournal {
             .map(|(name, _, _)| name)
             .collect();
         if !stale.is_empty() {
-            tracing::info!(asg, chunks = stale.len(), "sweeping journal chunks of crashed saves");
+            tracing::info!(
+                asg,
+                chunks = stale.len(),
+                "sweeping journal chunks of crashed saves"
+            );
             self.delete_all(asg, &stale).await;
         }
         true
@@ -530,7 +539,8 @@ impl SsmJournal {
         };
         // Committed. Clean up after it; nothing below can fail the save.
         if let Some(prev) = previous {
-            self.delete_all(asg, &Self::generation_names(asg, &prev)).await;
+            self.delete_all(asg, &Self::generation_names(asg, &prev))
+                .await;
         }
         if let Some(mine) = &mine {
             let clean = self.swept.lock().unwrap().contains(asg);
@@ -661,5 +671,72 @@ impl JournalStore for SsmJournal {
 
     async fn holder(&self, asg: &str) -> Result<Option<Holder>> {
         self.current_holder(asg).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::history::ami_ids_in;
+
+    fn check(text: &str, max: usize) {
+        let chunks = split_chunks(text, max);
+        assert_eq!(chunks.concat(), text);
+        assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= max));
+        let mut seen: Vec<String> = chunks.iter().flat_map(|c| ami_ids_in(c)).collect();
+        seen.sort();
+        seen.dedup();
+        let mut whole = ami_ids_in(text);
+        whole.sort();
+        assert_eq!(seen, whole, "{chunks:?}");
+    }
+
+    #[test]
+    fn chunks_never_split_an_ami_id_wherever_it_falls() {
+        let ids = [
+            "ami-0123456789abcdef0",
+            "ami-12345678",
+            "ami-0123456789abcdef0123",
+        ];
+        for id in ids {
+            for pad in 0..40 {
+                let text = format!(
+                    "{{\"r\":\"{}\",\"to\":\"{id}\",\"x\":\"xami-12345678 é {id}g\"}}",
+                    "y".repeat(pad)
+                );
+                for max in [24, 25, 31, 40, 64] {
+                    check(&text, max);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_respect_utf8_and_the_limit_even_inside_long_words() {
+        check(&"é".repeat(5000), CHUNK_MAX);
+        check(&"a".repeat(10_000), CHUNK_MAX);
+        check("", CHUNK_MAX);
+        let text = "ab-cd ".repeat(3000);
+        let chunks = split_chunks(&text, CHUNK_MAX);
+        assert!(chunks.iter().all(|c| c.ends_with(' ')));
+    }
+
+    #[test]
+    fn heads_and_inline_journals_are_told_apart() {
+        let head = r#"{"chunked":{"generation":"g","chunks":2,"bytes":9000,"sha256":"00"},
+            "holder":{"who":"op","host":"h","pid":1,"started":"2024-01-01T00:00:00Z"}}"#;
+        assert!(matches!(
+            parse_head("a", "n", head.to_string()),
+            Ok(Head::Chunked(h)) if h.chunked.chunks == 2
+        ));
+        assert!(matches!(
+            parse_head("a", "n", r#"{"rollout_id":"r1"}"#.to_string()),
+            Ok(Head::Inline(_))
+        ));
+        assert!(matches!(
+            parse_head("a", "n", "not json".to_string()),
+            Ok(Head::Inline(_))
+        ));
+        assert_ne!(new_generation("x"), new_generation("x"));
     }
 }
