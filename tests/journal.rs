@@ -456,3 +456,48 @@ fn prune_sees_every_ami_id_of_a_chunked_journal() {
         assert!(found.contains_key("ami-00000000000000002"));
     });
 }
+
+/// A chunk changed or lost behind kiln's back is an error naming the journal,
+/// never a journal pieced together from the wrong parts.
+#[test]
+fn a_damaged_chunk_is_an_error_not_a_mix() {
+    rt().block_on(async {
+        let aws = aws(moto::endpoint()).await;
+        let store = SsmJournal::new(&aws);
+        let asg = moto::unique("damaged");
+        store
+            .save(&asg, &journal(&asg, 150, 5, 1), None)
+            .await
+            .unwrap();
+        let h: ChunkedHead = serde_json::from_str(&head(&aws, &asg).await).unwrap();
+        let first = chunk_name(&asg, &h.chunked.generation, 0);
+        let params = chunk_params(&aws, &asg).await;
+        // Same length, one character different: only the hash can tell.
+        let altered = params[&first].replacen("op1", "op2", 1);
+        assert_ne!(altered, params[&first]);
+        aws.ssm()
+            .put_parameter()
+            .name(&first)
+            .value(altered)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .overwrite(true)
+            .send()
+            .await
+            .unwrap();
+        let err = store.load(&asg).await.unwrap_err();
+        assert!(
+            matches!(&err, RolloutError::Journal { message, .. } if message.contains("SHA-256")),
+            "{err}"
+        );
+        aws.ssm()
+            .delete_parameter()
+            .name(&first)
+            .send()
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.load(&asg).await,
+            Err(RolloutError::Journal { .. })
+        ));
+    });
+}
