@@ -356,8 +356,9 @@ impl SsmJournal {
     }
 
     /// DeleteParameters by batches of ten. Best effort: a chunk left behind costs
-    /// nothing but a parameter, and the sweep takes it later.
-    async fn delete_all(&self, asg: &str, names: &[String]) {
+    /// nothing but a parameter, and the sweep takes it later. True if all went.
+    async fn delete_all(&self, asg: &str, names: &[String]) -> bool {
+        let mut all = true;
         for batch in names.chunks(BATCH) {
             if let Err(e) = self
                 .ssm
@@ -369,8 +370,10 @@ impl SsmJournal {
                 let e = AwsError::call("ssm", "DeleteParameters", self.aws.region(), e);
                 tracing::warn!(asg, error = %e, "could not delete old journal chunks");
                 self.mark_dirty(asg);
+                all = false;
             }
         }
+        all
     }
 
     fn generation_names(asg: &str, head: &ChunkRef) -> Vec<String> {
@@ -381,7 +384,7 @@ impl SsmJournal {
 
     /// Deletes chunks under the journal of generations other than `keep` whose
     /// last change is [`Self::sweep_after`] older than `keep`'s: what crashed
-    /// saves left. Best effort; true when the listing completed.
+    /// saves left. Best effort; true when no other generation is left.
     async fn sweep(&self, asg: &str, keep: &str) -> bool {
         let root = format!("{}/", journal_name(asg));
         let mut found: Vec<(String, String, Option<aws_smithy_types::DateTime>)> = Vec::new();
@@ -425,20 +428,23 @@ impl SsmJournal {
             return false;
         };
         let cutoff = reference - self.sweep_after.as_secs_f64();
+        let others = found.iter().filter(|(_, g, _)| g != keep).count();
         let stale: Vec<String> = found
             .into_iter()
             .filter(|(_, g, t)| g != keep && t.is_some_and(|t| t.as_secs_f64() <= cutoff))
             .map(|(name, _, _)| name)
             .collect();
+        // Younger ones (a failed delete, a concurrent writer): look again next time.
+        let all_stale = stale.len() == others;
         if !stale.is_empty() {
             tracing::info!(
                 asg,
                 chunks = stale.len(),
                 "sweeping journal chunks of crashed saves"
             );
-            self.delete_all(asg, &stale).await;
+            return self.delete_all(asg, &stale).await && all_stale;
         }
-        true
+        all_stale
     }
 
     /// Writes `value` as chunks of a new generation; the head to commit them.
