@@ -8,6 +8,7 @@ mod base_image;
 mod cli_polish;
 mod doctor;
 mod harness;
+mod journal;
 mod lifecycle;
 mod quickstart;
 mod recipe;

@@ -184,6 +184,13 @@ impl Aws {
         Ok(Aws { config, region })
     }
 
+    /// An already-loaded configuration as is (tests build theirs against moto);
+    /// `None` without a region.
+    pub fn from_sdk_config(config: SdkConfig) -> Option<Aws> {
+        let region = config.region()?.to_string();
+        Some(Aws { config, region })
+    }
+
     /// The same credentials and settings in another region.
     pub fn in_region(&self, region: &str) -> Aws {
         let config = self
