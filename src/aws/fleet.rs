@@ -617,12 +617,7 @@ impl Fleet for AwsFleet {
                 .send()
                 .await
                 .map_err(|e| {
-                    AwsError::call(
-                        "elasticloadbalancing",
-                        "RegisterTargets",
-                        self.region(),
-                        e,
-                    )
+                    AwsError::call("elasticloadbalancing", "RegisterTargets", self.region(), e)
                 })
                 .map_err(|e| fleet_err(tg, "RegisterTargets", e))?;
         }

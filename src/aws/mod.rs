@@ -81,6 +81,20 @@ impl AwsError {
         }
     }
 
+    /// AWS says a resource named in the request does not exist (a deleted launch
+    /// template or target group an ASG still points at).
+    pub fn is_missing_resource(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(
+                "InvalidLaunchTemplateId.NotFound"
+                    | "InvalidLaunchTemplateName.NotFoundException"
+                    | "InvalidLaunchTemplateId.VersionNotFound"
+                    | "TargetGroupNotFound"
+            )
+        )
+    }
+
     /// Missing region or credentials are the operator's setup to fix.
     pub fn is_input(&self) -> bool {
         matches!(self, AwsError::NoRegion | AwsError::NoCredentials { .. })
