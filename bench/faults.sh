@@ -5,6 +5,9 @@
 #
 #   bench/faults.sh --seed 1 [--jobs 4] [--only PATTERN]
 #
+# --only picks trials by test name (e.g. trial_sigkill_rollouts); to replay
+# single runs of a trial set KILN_FAULTS_ONLY=3,34 as well.
+#
 # Every random choice (which calls fail, when kiln is killed, re-run or abort)
 # comes from the seed: the same seed replays the same trials. The trials are the
 # ignored tests `faults::trial_*` of the one test binary; the suite runs a smoke
@@ -30,9 +33,10 @@ done
 cargo test --quiet --test tests --no-run 2>/dev/null
 bin=$(mktemp -d)
 trap 'rm -rf "$bin"' EXIT
+# The full log (every failed run's details) outlives the script.
+log=${TMPDIR:-/tmp}/kiln-faults-seed$seed.log
 cp "$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/kiln" "$bin/kiln"
 
-log=$bin/trials.log
 started=$(date +%s)
 set +e
 KILN_BIN=$bin/kiln KILN_FAULTS_SEED=$seed KILN_FAULTS_JOBS=$jobs \
@@ -45,10 +49,11 @@ echo "seed $seed, $jobs runs in parallel, ${elapsed}s wall"
 echo
 echo "| trial | runs | faults injected | same end state | lost | leaked | floor violations | lowest healthy in service | time |"
 echo "|---|---:|---:|---:|---:|---:|---:|---|---:|"
-grep '^TRIAL|' "$log" | awk -F'|' '{ printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, $3, $4, $5, $6, $7, $8, $9, $10 }'
+grep -o 'TRIAL|.*' "$log" | awk -F'|' '{ printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $2, $3, $4, $5, $6, $7, $8, $9, $10 }'
 if [ $status -ne 0 ]; then
   echo
   echo "some trials failed:"
-  grep -E "^(---- |run [0-9]+ |thread '|test result)" "$log" | head -60
+  grep -E "(^---- |run [0-9]+ |^thread '|^test result)" "$log" | head -60
+  echo "full log: $log"
   exit $status
 fi

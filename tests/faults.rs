@@ -96,6 +96,8 @@ impl ApiFault {
 /// What one run ended with.
 #[derive(Debug, Default)]
 struct Outcome {
+    /// Which run of its trial (its seed follows from it).
+    run: usize,
     faults: usize,
     lost: Vec<String>,
     leaked: Vec<String>,
@@ -107,6 +109,15 @@ impl Outcome {
     fn floor_violated(&self) -> bool {
         self.floor.is_some_and(|(min, floor)| min < floor)
     }
+}
+
+/// `KILN_FAULTS_ONLY=3,34` replays only those runs of a trial (with the same
+/// seeds), to look into one.
+fn selected(run: usize) -> bool {
+    std::env::var("KILN_FAULTS_ONLY")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .is_none_or(|only| only.split(',').any(|r| r.trim() == run.to_string()))
 }
 
 /// Runs `n` runs on `jobs()` workers; `init` runs once per worker thread (e.g. a
@@ -127,6 +138,9 @@ fn run_trial<W>(
                     if i >= n {
                         break;
                     }
+                    if !selected(i) {
+                        continue;
+                    }
                     let out = std::panic::catch_unwind(AssertUnwindSafe(|| run(&w, i)))
                         .unwrap_or_else(|p| Outcome {
                             lost: vec![format!(
@@ -138,7 +152,7 @@ fn run_trial<W>(
                             )],
                             ..Outcome::default()
                         });
-                    results.lock().unwrap().insert(i, out);
+                    results.lock().unwrap().insert(i, Outcome { run: i, ..out });
                 }
             });
         }
@@ -170,7 +184,7 @@ fn report(kind: &str, started: Instant, outcomes: &[Outcome]) {
     );
     let problems: Vec<String> = outcomes
         .iter()
-        .enumerate()
+        .map(|o| (o.run, o))
         .flat_map(|(i, o)| {
             let mut p: Vec<String> = o
                 .lost
@@ -693,6 +707,14 @@ fn crash_rollouts(runs: usize) {
             let min = monitor.stop();
             out.floor = Some((min, FLOOR));
             let on = check_rolled(&g, expect, &mut out);
+            if !out.lost.is_empty() || !out.leaked.is_empty() {
+                out.lost.push(format!(
+                    "(killed after {after} of {clean} calls: {killed}; recovery `kiln {}`: exit {:?}: {})",
+                    if abort { "abort" } else { "rollout" },
+                    recovery.code,
+                    last_line(&recovery)
+                ));
+            }
             if abort && !nothing && on.as_deref() != Some(g.ami1.as_str()) {
                 out.lost
                     .push(format!("abort after call {after} left the group on {on:?}"));
@@ -1422,4 +1444,110 @@ fn a_group_whose_launch_template_or_target_group_was_deleted_exits_2() {
         );
         assert!(v.problem().is_none(), "{}\n{}", v.problem().unwrap(), v.run);
     }
+}
+
+/// A burst of throttling across concurrent calls (a fan-out, or an account-wide
+/// throttle on a long rollout): 60 calls at once, throttled 120 times between
+/// them before they get through. Every call must get its attempts; the SDK's
+/// default retry quota (500 tokens, 5 per throttled retry, one back per call that
+/// succeeds at once) allows 100 retries in a row and then failed every call still
+/// throttled, at once and without backoff: all 20 calls of the first version of
+/// this test.
+#[test]
+fn sustained_throttling_does_not_exhaust_the_retry_quota() {
+    use crate::support::proxy::Fault;
+    let proxy = Proxy::start(moto::endpoint());
+    for _ in 0..120 {
+        proxy.inject("autoscaling:DescribeAutoScalingGroups", Fault::Throttle);
+    }
+    let failed = rollout::rt().block_on(async {
+        let conf = moto::sdk_config_loader(&proxy.endpoint())
+            .retry_config(kiln::aws::retry_config())
+            .timeout_config(kiln::aws::timeout_config())
+            .load()
+            .await;
+        let asc = kiln::aws::Aws::from_sdk_config(conf)
+            .expect("a region")
+            .autoscaling();
+        let calls: Vec<_> = (0..60)
+            .map(|_| {
+                let asc = asc.clone();
+                tokio::spawn(async move { asc.describe_auto_scaling_groups().send().await })
+            })
+            .collect();
+        let mut failed = Vec::new();
+        for call in calls {
+            if let Err(e) = call.await.unwrap() {
+                failed.push(format!(
+                    "{:?}",
+                    aws_sdk_autoscaling::error::DisplayErrorContext(e)
+                ));
+            }
+        }
+        failed
+    });
+    assert_eq!(proxy.pending_injections(), 0, "{}", proxy.summary());
+    assert!(
+        failed.is_empty(),
+        "{} of 60 calls failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+}
+
+/// The SSM lock parameter of `g` held by `pid` of this host.
+fn hold_lock(g: &Group, pid: u32) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let holder = kiln::rollout::model::Holder {
+        who: "ops".into(),
+        host,
+        pid,
+        started: kiln::rollout::model::Timestamp(1_790_000_000_000),
+    };
+    rollout::rt().block_on(async {
+        aws_sdk_ssm::Client::new(&rollout::conf().await)
+            .put_parameter()
+            .name(format!("/kiln/rollout/{}/lock", g.asg))
+            .value(serde_json::to_string(&holder).unwrap())
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .overwrite(true)
+            .send()
+            .await
+            .unwrap();
+    });
+}
+
+/// Issue 5, SIGKILL trial run 34 of seed 1: kiln killed after taking the lock and
+/// before writing its journal; `kiln abort` said "no rollout in progress" and left
+/// the lock, which would refuse the next rollout from any other host.
+#[test]
+fn abort_after_a_kill_before_the_journal_was_written_releases_the_lock() {
+    let g = rollout::setup();
+    let p = Project::new();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    hold_lock(&g, dead_pid);
+    let v = judge(
+        "abort, lock of a dead kiln",
+        &p,
+        &["abort", &g.asg],
+        2,
+        &["no rollout in progress"],
+    );
+    assert!(
+        v.run.stderr.contains("released the rollout lock"),
+        "{}",
+        v.run
+    );
+    assert!(!lock_held(&g), "the lock is released\n{}", v.run);
+
+    // A live holder is not touched: abort names it.
+    hold_lock(&g, std::process::id());
+    let r = p.kiln(moto::endpoint(), &["abort", &g.asg]);
+    r.expect_code(2);
+    assert!(r.stderr.contains("is being rolled by"), "{r}");
+    assert!(lock_held(&g), "a live holder keeps its lock");
 }
