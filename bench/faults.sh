@@ -28,19 +28,30 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# Build once, then run a private copy of the binary: the cargo target folder may
-# be shared with other builds that replace target/debug/kiln meanwhile.
-cargo test --quiet --test tests --no-run 2>/dev/null
+# Build once, then run private copies of the test binary and of kiln: the cargo
+# target folder may be shared with other checkouts whose builds replace them.
 bin=$(mktemp -d)
 trap 'rm -rf "$bin"' EXIT
 # The full log (every failed run's details) outlives the script.
 log=${TMPDIR:-/tmp}/kiln-faults-seed$seed.log
-cp "$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/kiln" "$bin/kiln"
+cargo test --test tests --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        name = m["target"]["name"]
+        if name in ("tests", "kiln"):
+            shutil.copy(m["executable"], sys.argv[1] + "/" + name)
+' "$bin"
+if [ ! -x "$bin/tests" ] || [ ! -x "$bin/kiln" ]; then
+  echo "bench/faults.sh: the build failed (cargo test --test tests --no-run)" >&2
+  exit 1
+fi
 
 started=$(date +%s)
 set +e
 KILN_BIN=$bin/kiln KILN_FAULTS_SEED=$seed KILN_FAULTS_JOBS=$jobs \
-  cargo test --quiet --test tests "faults::$only" -- --ignored --nocapture --test-threads 1 >"$log" 2>&1
+  "$bin/tests" "faults::$only" --ignored --nocapture --test-threads 1 >"$log" 2>&1
 status=$?
 set -e
 elapsed=$(( $(date +%s) - started ))
