@@ -120,14 +120,18 @@ fn rollout_exit(e: &RolloutError) -> u8 {
     match e {
         RolloutError::LaunchConfiguration { .. }
         | RolloutError::ProcessSuspended { .. }
+        | RolloutError::InstancesInStandby { .. }
+        | RolloutError::InstancesProtected { .. }
         | RolloutError::FloorAboveDesired { .. }
         | RolloutError::Locked { .. }
         | RolloutError::InProgress { .. }
         | RolloutError::NothingInProgress { .. }
         | RolloutError::NoPreviousImage { .. }
         | RolloutError::GroupNotFound { .. } => exit::INPUT,
+        // A launch template or target group the group names but that does not
+        // exist is the operator's setup to fix, like a missing group (issue 5).
         RolloutError::Fleet { source, .. } => match source.downcast_ref::<AwsError>() {
-            Some(a) if a.is_input() => exit::INPUT,
+            Some(a) if a.is_input() || a.is_missing_resource() => exit::INPUT,
             _ => exit::FAILED,
         },
         RolloutError::LockLost { .. }

@@ -23,12 +23,12 @@ const COPY_REGION: &str = "eu-west-1";
 
 /// What a test bakes in: a bucket, an instance profile and a subnet in moto.
 pub(crate) struct Env {
-    bucket: String,
-    profile: String,
-    subnet: String,
+    pub(crate) bucket: String,
+    pub(crate) profile: String,
+    pub(crate) subnet: String,
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -41,7 +41,7 @@ thread_local! {
     static ENDPOINT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
-fn endpoint() -> String {
+pub(crate) fn endpoint() -> String {
     ENDPOINT
         .with(|e| e.borrow().clone())
         .unwrap_or_else(|| moto::endpoint().to_string())
@@ -54,12 +54,12 @@ fn endpoint() -> String {
 /// ("Parser must be a string or character stream, not datetime"). The built-in
 /// list has Canonical's trusty image in every region. Stopped like the shared
 /// server: a watchdog `sh` kills it when its stdin (held here) closes.
-struct Dedicated {
+pub(crate) struct Dedicated {
     _lifeline: std::process::ChildStdin,
 }
 
 impl Dedicated {
-    fn start() -> Dedicated {
+    pub(crate) fn start() -> Dedicated {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -174,12 +174,15 @@ pub(crate) fn project(env: &Env, name: &str, extra: &str) -> Project {
     p
 }
 
-fn json(run: &Run) -> Value {
+pub(crate) fn json(run: &Run) -> Value {
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("stdout is not JSON: {e}\n{run}"))
 }
 
 /// Every AMI tagged with `image` in `region`: id → tags.
-fn amis(region: &str, image: &str) -> BTreeMap<String, (BTreeMap<String, String>, Vec<String>)> {
+pub(crate) fn amis(
+    region: &str,
+    image: &str,
+) -> BTreeMap<String, (BTreeMap<String, String>, Vec<String>)> {
     rt().block_on(async {
         let ec2 = aws_sdk_ec2::Client::new(&sdk(region).await);
         let out = ec2
@@ -279,7 +282,7 @@ fn instances(image: &str) -> Vec<(String, String, String, String)> {
     })
 }
 
-fn live_instances(image: &str) -> Vec<String> {
+pub(crate) fn live_instances(image: &str) -> Vec<String> {
     instances(image)
         .into_iter()
         .filter(|(_, state, _, _)| state != "terminated")
@@ -288,7 +291,7 @@ fn live_instances(image: &str) -> Vec<String> {
 }
 
 /// Security groups tagged with `image` (temporary builder groups).
-fn groups(image: &str) -> Vec<String> {
+pub(crate) fn groups(image: &str) -> Vec<String> {
     rt().block_on(async {
         let ec2 = aws_sdk_ec2::Client::new(&sdk(moto::REGION).await);
         ec2.describe_security_groups()

@@ -27,12 +27,12 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// A throwaway project: the repo's images/ and templates/ plus a kiln.toml.
-struct Project {
-    dir: tempfile::TempDir,
+pub(crate) struct Project {
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Project {
-    fn new() -> Project {
+    pub(crate) fn new() -> Project {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(&repo().join("images"), &dir.path().join("images"));
         copy_dir(&repo().join("templates"), &dir.path().join("templates"));
@@ -342,17 +342,17 @@ fn rendered_provisioning_scripts_pass_bash_n_and_shellcheck() {
 
 /// One bad-input case: how to break the project, the command, and what the one
 /// error line must name.
-struct Bad {
-    name: &'static str,
-    breaks: fn(&Project),
-    args: &'static [&'static str],
-    says: &'static [&'static str],
+pub(crate) struct Bad {
+    pub(crate) name: &'static str,
+    pub(crate) breaks: fn(&Project),
+    pub(crate) args: &'static [&'static str],
+    pub(crate) says: &'static [&'static str],
 }
 
 const RECIPE: &str = "images/web/image.toml";
 const UPSTART: &str = "templates/trusty/upstart.conf.tera";
 
-fn bad_inputs() -> Vec<Bad> {
+pub(crate) fn bad_inputs() -> Vec<Bad> {
     vec![
         Bad {
             name: "malformed TOML",

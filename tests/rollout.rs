@@ -21,33 +21,33 @@ use crate::support::moto;
 use crate::support::proxy::Proxy;
 
 const EXIT_ROLLED_BACK: i32 = 3;
-const DESIRED: i32 = 6;
-const MIN: i32 = 2;
-const MAX: i32 = 8;
+pub(crate) const DESIRED: i32 = 6;
+pub(crate) const MIN: i32 = 2;
+pub(crate) const MAX: i32 = 8;
 /// Suspended before the rollout: one kiln also suspends (must stay suspended) and
 /// one it never touches.
-const PRE_SUSPENDED: [&str; 2] = ["AZRebalance", "InstanceRefresh"];
+pub(crate) const PRE_SUSPENDED: [&str; 2] = ["AZRebalance", "InstanceRefresh"];
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
 }
 
-async fn conf() -> aws_config::SdkConfig {
+pub(crate) async fn conf() -> aws_config::SdkConfig {
     moto::sdk_config(moto::endpoint()).await
 }
 
 /// One test's group and images.
-struct Group {
-    asg: String,
-    image: String,
-    ami1: String,
-    ami2: String,
-    lt: String,
-    tg: String,
-    key_name: String,
+pub(crate) struct Group {
+    pub(crate) asg: String,
+    pub(crate) image: String,
+    pub(crate) ami1: String,
+    pub(crate) ami2: String,
+    pub(crate) lt: String,
+    pub(crate) tg: String,
+    pub(crate) key_name: String,
 }
 
 async fn register_ami(ec2: &aws_sdk_ec2::Client, image: &str, version: u64) -> String {
@@ -97,7 +97,7 @@ async fn subnets(ec2: &aws_sdk_ec2::Client) -> Vec<String> {
     by_az.into_values().take(3).collect()
 }
 
-fn setup() -> Group {
+pub(crate) fn setup() -> Group {
     rt().block_on(async {
         let c = conf().await;
         let ec2 = aws_sdk_ec2::Client::new(&c);
@@ -207,18 +207,18 @@ fn setup() -> Group {
 
 /// What the group looks like now.
 #[derive(Debug)]
-struct Seen {
-    min: i32,
-    max: i32,
-    desired: i32,
-    suspended: BTreeSet<String>,
+pub(crate) struct Seen {
+    pub(crate) min: i32,
+    pub(crate) max: i32,
+    pub(crate) desired: i32,
+    pub(crate) suspended: BTreeSet<String>,
     /// Live (InService or Pending) instance → (image, AZ).
-    instances: BTreeMap<String, (String, String)>,
-    lt_version: String,
-    targets: BTreeSet<String>,
+    pub(crate) instances: BTreeMap<String, (String, String)>,
+    pub(crate) lt_version: String,
+    pub(crate) targets: BTreeSet<String>,
 }
 
-fn seen(g: &Group) -> Seen {
+pub(crate) fn seen(g: &Group) -> Seen {
     rt().block_on(async {
         let c = conf().await;
         let asc = aws_sdk_autoscaling::Client::new(&c);
@@ -383,7 +383,7 @@ fn kiln(project: &Project, endpoint: &str, args: &[&str]) -> Run {
     project.kiln(endpoint, args)
 }
 
-fn spawn(project: &Project, endpoint: &str, args: &[&str]) -> Child {
+pub(crate) fn spawn(project: &Project, endpoint: &str, args: &[&str]) -> Child {
     let mut cmd: Command = kiln_command(endpoint);
     cmd.arg("--config")
         .arg(project.config())
@@ -393,7 +393,7 @@ fn spawn(project: &Project, endpoint: &str, args: &[&str]) -> Child {
     cmd.spawn().expect("spawn kiln")
 }
 
-fn wait_output(child: Child) -> Run {
+pub(crate) fn wait_output(child: Child) -> Run {
     let out = child.wait_with_output().unwrap();
     Run {
         command: "kiln (spawned)".into(),
@@ -403,13 +403,17 @@ fn wait_output(child: Child) -> Run {
     }
 }
 
-fn json(run: &Run) -> Value {
+pub(crate) fn json(run: &Run) -> Value {
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("stdout is not JSON: {e}\n{run}"))
 }
 
-const FAST: [&str; 4] = ["--poll", "50ms", "--warmup", "0s"];
+pub(crate) const FAST: [&str; 4] = ["--poll", "50ms", "--warmup", "0s"];
 
-fn rollout_args<'a>(g: &'a Group, reference: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+pub(crate) fn rollout_args<'a>(
+    g: &'a Group,
+    reference: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
     let mut v = vec!["rollout", g.asg.as_str(), reference];
     v.extend_from_slice(&FAST);
     v.extend_from_slice(extra);

@@ -893,6 +893,39 @@ fn launch_configuration_is_refused_with_how_to_move() {
     );
 }
 
+/// Issue 5: kiln replaced a scale-in-protected instance (the ASG's terminate call
+/// ignores the protection).
+#[test]
+fn a_group_with_a_scale_in_protected_instance_is_refused_naming_it() {
+    let mut f = Fixture::new(&[("a", 1), ("b", 2)]);
+    f.obs.instances[1].protected_from_scale_in = true;
+    let err = Journal::begin("r1", holder(1), spec(NEW), &f.obs, None).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, RolloutError::InstancesProtected { .. })
+            && msg.contains("i-old1")
+            && !msg.contains("i-old0")
+            && msg.contains("set-instance-protection"),
+        "{msg}"
+    );
+}
+
+/// Issue 5: a Standby instance stayed on the old image while the rollout said
+/// Succeeded, and `--plan` failed with an internal error.
+#[test]
+fn a_group_with_an_instance_in_standby_is_refused_naming_it() {
+    let mut f = Fixture::new(&[("a", 1), ("b", 2)]);
+    f.obs.instances[0].lifecycle = Lifecycle::Standby;
+    let err = Journal::begin("r1", holder(1), spec(NEW), &f.obs, None).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, RolloutError::InstancesInStandby { .. })
+            && msg.contains("i-old0")
+            && msg.contains("exit-standby"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn journal_round_trips_as_json() {
     let mut f = Fixture::new(&[("a", 1), ("b", 2)]);

@@ -7,6 +7,7 @@ mod bake;
 mod base_image;
 mod cli_polish;
 mod doctor;
+mod faults;
 mod harness;
 mod journal;
 mod lifecycle;

@@ -11,6 +11,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::provider::ProvideCredentials;
+use aws_sdk_ec2::config::retry::{RetryPartition, TokenBucket};
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
@@ -18,10 +19,10 @@ use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 /// exponential backoff and jitter (the SDK's standard mode); eight attempts ride
 /// out a burst of throttling without hiding an outage for minutes.
 pub const MAX_ATTEMPTS: u32 = 8;
-const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(20);
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(20);
 /// One attempt that hangs this long is abandoned and retried.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AwsError {
@@ -81,6 +82,20 @@ impl AwsError {
         }
     }
 
+    /// AWS says a resource named in the request does not exist (a deleted launch
+    /// template or target group an ASG still points at).
+    pub fn is_missing_resource(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(
+                "InvalidLaunchTemplateId.NotFound"
+                    | "InvalidLaunchTemplateName.NotFoundException"
+                    | "InvalidLaunchTemplateId.VersionNotFound"
+                    | "TargetGroupNotFound"
+            )
+        )
+    }
+
     /// Missing region or credentials are the operator's setup to fix.
     pub fn is_input(&self) -> bool {
         matches!(self, AwsError::NoRegion | AwsError::NoCredentials { .. })
@@ -113,6 +128,40 @@ pub struct AwsSettings {
     pub default_endpoint_url: Option<String>,
 }
 
+/// How every call is retried: the SDK's standard mode (exponential backoff with
+/// jitter on throttling, 5xx and dropped connections), [`MAX_ATTEMPTS`] attempts
+/// from [`INITIAL_BACKOFF`] up to [`MAX_BACKOFF`] apart.
+pub fn retry_config() -> RetryConfig {
+    RetryConfig::standard()
+        .with_max_attempts(MAX_ATTEMPTS)
+        .with_initial_backoff(INITIAL_BACKOFF)
+        .with_max_backoff(MAX_BACKOFF)
+}
+
+/// Retries without the SDK's retry quota. By default every client shares a
+/// bucket of 500 tokens per process; a throttled retry costs 5, a dropped
+/// connection 10, and only a call that succeeds at once earns one back, so a
+/// burst of throttling (a fan-out, an account-wide throttle during a long
+/// rollout) empties it after about 100 retries and every call still throttled
+/// then fails at once, without backoff: a bake or rollout stops on a call that
+/// would have succeeded a second later. That quota protects a service from a
+/// fleet of clients retrying in step; kiln is one operator's process whose
+/// retries are already bounded per call ([`MAX_ATTEMPTS`], backoff up to
+/// [`MAX_BACKOFF`]), so it keeps retrying instead (issue 5, found by
+/// `sustained_throttling_does_not_exhaust_the_retry_quota`).
+fn retry_partition(service: &'static str) -> RetryPartition {
+    RetryPartition::custom(format!("kiln-{service}"))
+        .token_bucket(TokenBucket::unlimited())
+        .build()
+}
+
+/// One attempt that hangs [`ATTEMPT_TIMEOUT`] is abandoned (and retried).
+pub fn timeout_config() -> TimeoutConfig {
+    TimeoutConfig::builder()
+        .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+        .build()
+}
+
 /// A connection to AWS in one region.
 #[derive(Debug, Clone)]
 pub struct Aws {
@@ -129,17 +178,8 @@ impl Aws {
     /// so a missing one is a clear error before any call is attempted.
     pub async fn connect(settings: &AwsSettings) -> Result<Aws, AwsError> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(
-                RetryConfig::standard()
-                    .with_max_attempts(MAX_ATTEMPTS)
-                    .with_initial_backoff(INITIAL_BACKOFF)
-                    .with_max_backoff(MAX_BACKOFF),
-            )
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
-                    .build(),
-            );
+            .retry_config(retry_config())
+            .timeout_config(timeout_config());
         let profile = settings.profile.clone().or_else(|| {
             (!env_set("AWS_PROFILE"))
                 .then(|| settings.default_profile.clone())
@@ -184,8 +224,9 @@ impl Aws {
         Ok(Aws { config, region })
     }
 
-    /// An already-loaded configuration as is (tests build theirs against moto);
-    /// `None` without a region.
+    /// An [`Aws`] over a configuration loaded elsewhere (tests and tools; the CLI
+    /// uses [`Aws::connect`]). Pass it [`retry_config`] and [`timeout_config`] to
+    /// behave like kiln. `None` without a region.
     pub fn from_sdk_config(config: SdkConfig) -> Option<Aws> {
         let region = config.region()?.to_string();
         Some(Aws { config, region })
@@ -213,19 +254,43 @@ impl Aws {
     }
 
     pub fn ec2(&self) -> aws_sdk_ec2::Client {
-        aws_sdk_ec2::Client::new(&self.config)
+        aws_sdk_ec2::Client::from_conf(
+            aws_sdk_ec2::config::Builder::from(&self.config)
+                .retry_partition(retry_partition("ec2"))
+                .build(),
+        )
     }
 
     pub fn autoscaling(&self) -> aws_sdk_autoscaling::Client {
-        aws_sdk_autoscaling::Client::new(&self.config)
+        aws_sdk_autoscaling::Client::from_conf(
+            aws_sdk_autoscaling::config::Builder::from(&self.config)
+                .retry_partition(retry_partition("autoscaling"))
+                .build(),
+        )
     }
 
     pub fn ssm(&self) -> aws_sdk_ssm::Client {
-        aws_sdk_ssm::Client::new(&self.config)
+        aws_sdk_ssm::Client::from_conf(
+            aws_sdk_ssm::config::Builder::from(&self.config)
+                .retry_partition(retry_partition("ssm"))
+                .build(),
+        )
     }
 
     pub fn elbv2(&self) -> aws_sdk_elasticloadbalancingv2::Client {
-        aws_sdk_elasticloadbalancingv2::Client::new(&self.config)
+        aws_sdk_elasticloadbalancingv2::Client::from_conf(
+            aws_sdk_elasticloadbalancingv2::config::Builder::from(&self.config)
+                .retry_partition(retry_partition("elasticloadbalancing"))
+                .build(),
+        )
+    }
+
+    pub fn iam(&self) -> aws_sdk_iam::Client {
+        aws_sdk_iam::Client::from_conf(
+            aws_sdk_iam::config::Builder::from(&self.config)
+                .retry_partition(retry_partition("iam"))
+                .build(),
+        )
     }
 
     /// S3 with path-style addressing when a custom endpoint is in use (local
@@ -233,6 +298,7 @@ impl Aws {
     pub fn s3(&self) -> aws_sdk_s3::Client {
         let custom_endpoint = self.config.endpoint_url().is_some();
         let conf = aws_sdk_s3::config::Builder::from(&self.config)
+            .retry_partition(retry_partition("s3"))
             .force_path_style(custom_endpoint)
             .build();
         aws_sdk_s3::Client::from_conf(conf)

@@ -712,7 +712,7 @@ async fn preflight(
     };
     let profile_name = profile.rsplit('/').next().unwrap_or(&profile).to_string();
     let profile_check = async {
-        let iam = aws_sdk_iam::Client::new(aws.sdk_config());
+        let iam = aws.iam();
         match iam
             .get_instance_profile()
             .instance_profile_name(&profile_name)

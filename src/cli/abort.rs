@@ -30,14 +30,24 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     let aws = ctx.aws().await?;
     let fleet = AwsFleet::new(&aws);
     let store = SsmJournal::new(&aws);
-    let stored = store
+    let me = holder();
+    let Some(stored) = store
         .load(&args.asg)
         .await?
         .filter(|s| !s.journal.phase.is_terminal())
-        .ok_or_else(|| RolloutError::NothingInProgress {
-            asg: args.asg.clone(),
-        })?;
-    let me = holder();
+    else {
+        // A kiln killed before its journal says anything (or after it finished)
+        // can still hold the lock: release it, so the next rollout is not refused.
+        if let Some(gone) =
+            engine::release_stale_lock(&store, &args.asg, &me, args.lock.may_take_over()).await?
+        {
+            ctx.ui.note(format!(
+                "released the rollout lock of {} held by {gone}, which no longer runs",
+                args.asg
+            ));
+        }
+        return Err(RolloutError::NothingInProgress { asg: args.asg }.into());
+    };
     let engine_config = args.lock.engine(&ctx.rollout_config())?;
     let mut progress = Bar::new(ctx, &stored.journal);
     let result = interruptible(

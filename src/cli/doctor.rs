@@ -460,7 +460,7 @@ async fn check_endpoints(aws: &Aws, name: &str, vpc: &str) -> Check {
 
 async fn check_profile(aws: &Aws, profile: &str) -> Check {
     let name = profile.rsplit('/').next().unwrap_or(profile);
-    let iam = aws_sdk_iam::Client::new(aws.sdk_config());
+    let iam = aws.iam();
     match iam.get_instance_profile().instance_profile_name(name).send().await {
         Ok(o) => {
             let roles: Vec<&str> = o

@@ -355,6 +355,26 @@ pub async fn abort<F: Fleet, J: JournalStore, P: Progress>(
     drive(fleet, store, Stored { revision, journal }, cfg, progress).await
 }
 
+/// With no rollout in progress, release a lock left behind by a kiln killed
+/// between taking it and writing its journal (or between its last journal save
+/// and releasing it): nothing was changed, but the lock would refuse the next
+/// rollout from another host. Taken only as `may_take_over` allows (its holder
+/// is gone, or --take-over); a live holder is [`RolloutError::Locked`]. Returns
+/// who held it. Found by the SIGKILL trials of issue 5.
+pub async fn release_stale_lock<J: JournalStore>(
+    store: &J,
+    asg: &str,
+    holder: &Holder,
+    may_take_over: impl Fn(&Holder) -> bool,
+) -> Result<Option<Holder>> {
+    let Some(current) = store.holder(asg).await? else {
+        return Ok(None);
+    };
+    lock(store, asg, holder, &may_take_over).await?;
+    store.release(asg, holder).await?;
+    Ok(Some(current))
+}
+
 /// Run the control loop until the rollout finishes (or an error stops it; running
 /// [`start`] + `drive` again resumes).
 pub async fn drive<F: Fleet, J: JournalStore, P: Progress>(

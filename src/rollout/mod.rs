@@ -47,6 +47,19 @@ pub enum RolloutError {
     ProcessSuspended { asg: String, process: String },
 
     #[error(
+        "ASG {asg}: instance(s) {instances} in Standby would stay on their image; bring them back \
+         (`aws autoscaling exit-standby --auto-scaling-group-name {asg} --instance-ids …`) or detach them, then run kiln again"
+    )]
+    InstancesInStandby { asg: String, instances: String },
+
+    #[error(
+        "ASG {asg}: instance(s) {instances} are protected from scale-in and a rollout would terminate them; \
+         remove the protection (`aws autoscaling set-instance-protection --auto-scaling-group-name {asg} \
+         --no-protected-from-scale-in --instance-ids {instances}`) when they may be replaced, then run kiln again"
+    )]
+    InstancesProtected { asg: String, instances: String },
+
+    #[error(
         "ASG {asg}: a floor of {floor} healthy instances is above its desired capacity {desired}"
     )]
     FloorAboveDesired {

@@ -596,6 +596,31 @@ impl Journal {
                 process: "Launch".to_string(),
             });
         }
+        // Found by the fault trials' bad-input catalogue (issue 5): kiln replaced a
+        // scale-in-protected instance (TerminateInstanceInAutoScalingGroup ignores
+        // the protection) and finished "Succeeded" with a Standby instance still on
+        // the old image. Both are the operator's to decide: refuse, naming them.
+        let ids = |keep: fn(&Instance) -> bool| -> Vec<String> {
+            obs.instances
+                .iter()
+                .filter(|i| keep(i))
+                .map(|i| i.id.clone())
+                .collect()
+        };
+        let standby = ids(|i| i.lifecycle == Lifecycle::Standby);
+        if !standby.is_empty() {
+            return Err(RolloutError::InstancesInStandby {
+                asg: g.name.clone(),
+                instances: standby.join(", "),
+            });
+        }
+        let protected = ids(|i| i.is_live() && i.protected_from_scale_in);
+        if !protected.is_empty() {
+            return Err(RolloutError::InstancesProtected {
+                asg: g.name.clone(),
+                instances: protected.join(" "),
+            });
+        }
         let floor = spec.floor(g.desired);
         if floor > g.desired {
             return Err(RolloutError::FloorAboveDesired {

@@ -100,12 +100,31 @@ impl Default for Project {
 /// The `kiln` binary with the test AWS environment for `endpoint`, run from a
 /// folder that holds no `kiln.toml`.
 pub fn kiln_command(endpoint: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    let mut cmd = Command::new(kiln_binary());
     moto::apply_aws_env(&mut cmd, endpoint);
     cmd.current_dir(std::env::temp_dir())
         .env("NO_COLOR", "1")
         .env_remove("RUST_LOG");
     cmd
+}
+
+/// A private copy of the `kiln` this test binary was built with, made on first
+/// use: every worktree shares the cargo target folder, and another build may
+/// replace `target/debug/kiln` while a long trial run is still starting it.
+/// `KILN_BIN` names another binary instead (bench/faults.sh passes its copy).
+pub fn kiln_binary() -> &'static Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("KILN_BIN").filter(|b| !b.is_empty()) {
+            return PathBuf::from(bin);
+        }
+        let copy = moto::scratch_dir().join("kiln");
+        let tmp = moto::scratch_dir().join(format!("kiln.{}", std::process::id()));
+        std::fs::copy(env!("CARGO_BIN_EXE_kiln"), &tmp)
+            .unwrap_or_else(|e| panic!("copy {}: {e}", env!("CARGO_BIN_EXE_kiln")));
+        std::fs::rename(&tmp, &copy).expect("move the kiln copy in place");
+        copy
+    })
 }
 
 /// A finished kiln run.
