@@ -2,7 +2,7 @@
 
 use super::Ctx;
 use crate::bake::{self, Outcome, Request, Settings};
-use crate::recipe::{base, Prepared};
+use crate::recipe::Prepared;
 use crate::ui::fmt_duration;
 use crate::Result;
 
@@ -51,23 +51,7 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     let home = aws.in_region(&regions[0]);
 
     let base_checked = prepared.recipe.file.base.owner.is_some();
-    let base_ami = if let Some(ami) = &prepared.recipe.file.base.ami {
-        ami.clone()
-    } else {
-        let step = ctx
-            .ui
-            .step(format!("resolving base image in {}", home.region()));
-        match base::resolve(&home, &prepared.recipe.file.base).await {
-            Ok(ami) => {
-                step.done(&ami);
-                ami
-            }
-            Err(e) => {
-                step.fail("");
-                return Err(e.into());
-            }
-        }
-    };
+    let base_ami = super::resolve_base(&ctx.ui, &home, &prepared.recipe.file.base).await?;
     let hash = prepared.manifest(&base_ami).hash();
     let settings = Settings::from_config(&config.path, &config.file.bake);
     let req = Request {

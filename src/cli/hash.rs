@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::Ctx;
-use crate::recipe::{base, is_ami_id, Prepared};
+use crate::recipe::{is_ami_id, Prepared};
 use crate::{Error, Result};
 
 /// Print the content hash of an image: the identity its AMI is tagged with.
@@ -50,25 +50,14 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     let prepared = Prepared::load(&root, &args.image, &args.vars)?;
     let base_ami = match args.base_ami {
         Some(ami) => ami,
-        None if prepared.recipe.file.base.ami.is_some() => {
-            prepared.recipe.file.base.ami.clone().expect("checked")
-        }
-        None => {
-            let aws = ctx.aws().await?;
-            let step = ctx
-                .ui
-                .step(format!("resolving base image in {}", aws.region()));
-            match base::resolve(&aws, &prepared.recipe.file.base).await {
-                Ok(ami) => {
-                    step.done(&ami);
-                    ami
-                }
-                Err(e) => {
-                    step.fail("");
-                    return Err(e.into());
-                }
+        // A fixed base AMI needs no AWS connection at all (offline hashing).
+        None => match &prepared.recipe.file.base.ami {
+            Some(ami) => ami.clone(),
+            None => {
+                let aws = ctx.aws().await?;
+                super::resolve_base(&ctx.ui, &aws, &prepared.recipe.file.base).await?
             }
-        }
+        },
     };
     let manifest = prepared.manifest(&base_ami);
     let hash = manifest.hash();

@@ -229,6 +229,29 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The recipe's base image as an AMI id, with a progress step while AWS is asked;
+/// a fixed `ami` needs no call.
+pub async fn resolve_base(
+    ui: &Ui,
+    aws: &Aws,
+    base: &crate::recipe::model::BaseImage,
+) -> Result<String> {
+    if let Some(ami) = &base.ami {
+        return Ok(ami.clone());
+    }
+    let step = ui.step(format!("resolving base image in {}", aws.region()));
+    match crate::recipe::base::resolve(aws, base).await {
+        Ok(ami) => {
+            step.done(&ami);
+            Ok(ami)
+        }
+        Err(e) => {
+            step.fail("");
+            Err(e.into())
+        }
+    }
+}
+
 /// `--var name=value`
 pub fn parse_var(s: &str) -> std::result::Result<(String, String), String> {
     s.split_once('=')
