@@ -1,11 +1,14 @@
 //! The one HTTP client every SDK client of a kiln process shares.
 //!
 //! Left to itself each SDK client (EC2, SSM, S3, ... and each region's copy)
-//! builds its own default HTTPS client: its own connection pool, and its own
-//! rustls configuration, which reads and parses every system root certificate.
-//! A cache-hit bake makes two calls through two clients, so it paid for that
-//! twice and opened a second connection to the same endpoint. Sharing one client
-//! through the `SdkConfig` pays once and reuses the kept-alive connection.
+//! builds its own default HTTPS client, with its own connection pool, and parses
+//! the system root certificates (read from disk once per process) into a rustls
+//! trust store twice: once while the client is constructed, again for its first
+//! request (see `HyperClient::validate_base_client_config`). A cache-hit bake
+//! makes two calls through two clients, so it paid for
+//! that four times and opened a second connection to the same endpoint. Sharing
+//! one client through the `SdkConfig` builds one connector and reuses the
+//! kept-alive connection.
 //!
 //! The TLS side is also built only when a request is made over HTTPS: against a
 //! local emulator (`endpoint_url = "http://..."`) no certificate is ever read;
@@ -16,6 +19,7 @@
 use aws_smithy_http_client::proxy::ProxyConfig;
 use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
 use aws_smithy_http_client::{Builder, ConnectorBuilder};
+use aws_smithy_runtime_api::client::connector_metadata::ConnectorMetadata;
 use aws_smithy_runtime_api::client::http::{
     HttpClient, HttpConnector, HttpConnectorFuture, HttpConnectorSettings, SharedHttpClient,
     SharedHttpConnector,
@@ -73,6 +77,15 @@ impl HttpClient for Client {
             settings: settings.clone(),
             components: components.clone(),
         })
+    }
+
+    // No `validate_base_client_config`: the SDK's client builds (and drops) a TLS
+    // connector there, reading every root certificate each time a service client
+    // is constructed, only to have certificate errors show up early.
+
+    /// Reported in the user agent, as the SDK's default client does.
+    fn connector_metadata(&self) -> Option<ConnectorMetadata> {
+        self.plain.connector_metadata()
     }
 }
 
