@@ -5,10 +5,9 @@
 //! the system root certificates (read from disk once per process) into a rustls
 //! trust store twice: once while the client is constructed, again for its first
 //! request (see `HyperClient::validate_base_client_config`). A cache-hit bake
-//! makes two calls through two clients, so it paid for
-//! that four times and opened a second connection to the same endpoint. Sharing
-//! one client through the `SdkConfig` builds one connector and reuses the
-//! kept-alive connection.
+//! makes two calls through two clients, so it paid for that four times and
+//! opened a second connection to the same endpoint. Sharing one client through
+//! the `SdkConfig` builds one connector and reuses the kept-alive connection.
 //!
 //! The TLS side is also built only when a request is made over HTTPS: against a
 //! local emulator (`endpoint_url = "http://..."`) no certificate is ever read;
