@@ -110,7 +110,7 @@ echo "| bake | wall time, median of $runs | AWS API calls |"
 echo "| --- | --- | --- |"
 for name in kiln-full kiln-hit packer; do
     [[ -n ${secs[$name]:-} ]] || continue
-    printf '| %s | %.2f s | %s |\n' "$name" "${secs[$name]}" "${calls[$name]}"
+    printf '| %s | %.3f s | %s |\n' "$name" "${secs[$name]}" "${calls[$name]}"
 done
 echo
 build="release build"
