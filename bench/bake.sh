@@ -5,16 +5,21 @@
 # counted with moto's request recorder.
 #
 # Needs: moto_server (pip install 'moto[server]'), python3 with boto3 (comes with
-# moto), packer (Debian package `packer`; skipped with a note when absent), and a
-# built kiln (cargo build; KILN=path to override).
+# moto), packer (Debian package `packer`; skipped with a note when absent), and
+# cargo. kiln is measured as an operator runs it: a release build (what
+# `cargo install` makes), built here first; Packer's binary is a release build too.
+# KILN=path measures another kiln binary instead (and skips the build).
 #
 #   bench/bake.sh            # writes the table to stdout
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-kiln=${KILN:-${CARGO_TARGET_DIR:-$root/target}/debug/kiln}
+if [[ -z ${KILN:-} ]]; then
+    (cd "$root" && cargo build --release --locked --quiet)
+fi
+kiln=${KILN:-${CARGO_TARGET_DIR:-$root/target}/release/kiln}
 runs=${RUNS:-5}
-[[ -x $kiln ]] || { echo "no kiln binary at $kiln: run cargo build or set KILN" >&2; exit 1; }
+[[ -x $kiln ]] || { echo "no kiln binary at $kiln: run cargo build --release or set KILN" >&2; exit 1; }
 
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -105,7 +110,9 @@ echo "| bake | wall time, median of $runs | AWS API calls |"
 echo "| --- | --- | --- |"
 for name in kiln-full kiln-hit packer; do
     [[ -n ${secs[$name]:-} ]] || continue
-    printf '| %s | %.2f s | %s |\n' "$name" "${secs[$name]}" "${calls[$name]}"
+    printf '| %s | %.3f s | %s |\n' "$name" "${secs[$name]}" "${calls[$name]}"
 done
 echo
-echo "moto $(python3 -c 'import moto; print(moto.__version__)'), $packer_version, kiln $("$kiln" --version | cut -d' ' -f2)"
+build="release build"
+[[ -z ${KILN:-} ]] || build="binary $kiln"
+echo "moto $(python3 -c 'import moto; print(moto.__version__)'), $packer_version, kiln $("$kiln" --version | cut -d' ' -f2) ($build)"

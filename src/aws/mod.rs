@@ -5,12 +5,14 @@
 use std::time::Duration;
 
 pub mod fleet;
+mod http;
 pub mod journal;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_credential_types::provider::ProvideCredentials;
+use aws_credential_types::provider::{future, ProvideCredentials, SharedCredentialsProvider};
+use aws_credential_types::Credentials;
 use aws_sdk_ec2::config::retry::{RetryPartition, TokenBucket};
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
@@ -162,6 +164,35 @@ pub fn timeout_config() -> TimeoutConfig {
         .build()
 }
 
+/// The credentials chain, answering its first request with the credentials
+/// `Aws::connect` already resolved (while they are still valid).
+#[derive(Debug)]
+struct Checked {
+    first: std::sync::Mutex<Option<Credentials>>,
+    chain: SharedCredentialsProvider,
+}
+
+impl ProvideCredentials for Checked {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        let first = self
+            .first
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .filter(|c| {
+                c.expiry()
+                    .is_none_or(|at| at > std::time::SystemTime::now() + Duration::from_secs(60))
+            });
+        match first {
+            Some(c) => future::ProvideCredentials::ready(Ok(c)),
+            None => self.chain.provide_credentials(),
+        }
+    }
+}
+
 /// A connection to AWS in one region.
 #[derive(Debug, Clone)]
 pub struct Aws {
@@ -178,6 +209,7 @@ impl Aws {
     /// so a missing one is a clear error before any call is attempted.
     pub async fn connect(settings: &AwsSettings) -> Result<Aws, AwsError> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http::shared_client())
             .retry_config(retry_config())
             .timeout_config(timeout_config());
         let profile = settings.profile.clone().or_else(|| {
@@ -211,16 +243,29 @@ impl Aws {
                 profile: String::new(),
                 message: "no credentials provider".to_string(),
             })?;
-        if let Err(e) = provider.provide_credentials().await {
-            return Err(AwsError::NoCredentials {
-                profile: profile
-                    .map(|p| format!(" for profile {p:?}"))
-                    .unwrap_or_default(),
-                // The provider's own message names what it tried; it never holds
-                // secret values.
-                message: crate::config::one_line(&error_chain(&e)),
-            });
-        }
+        let checked = match provider.provide_credentials().await {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(AwsError::NoCredentials {
+                    profile: profile
+                        .map(|p| format!(" for profile {p:?}"))
+                        .unwrap_or_default(),
+                    // The provider's own message names what it tried; it never
+                    // holds secret values.
+                    message: crate::config::one_line(&error_chain(&e)),
+                });
+            }
+        };
+        // The SDK's identity cache starts empty and would resolve the chain again
+        // on the first call (for an assumed role, another STS call): hand it the
+        // credentials just checked instead.
+        let config = config
+            .to_builder()
+            .credentials_provider(SharedCredentialsProvider::new(Checked {
+                first: std::sync::Mutex::new(Some(checked)),
+                chain: provider,
+            }))
+            .build();
         Ok(Aws { config, region })
     }
 
