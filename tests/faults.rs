@@ -1342,29 +1342,7 @@ fn rollout_catalogue() -> Vec<Verdict> {
     }
     out.push(v);
     // A group on a launch configuration: the error says how to move.
-    let lc_asg = rollout::rt().block_on(async {
-        let asc = aws_sdk_autoscaling::Client::new(&rollout::conf().await);
-        let lc = moto::unique("lc");
-        asc.create_launch_configuration()
-            .launch_configuration_name(&lc)
-            .image_id(&g.ami1)
-            .instance_type("t3.micro")
-            .send()
-            .await
-            .unwrap();
-        let name = moto::unique("legacy");
-        asc.create_auto_scaling_group()
-            .auto_scaling_group_name(&name)
-            .launch_configuration_name(&lc)
-            .min_size(1)
-            .max_size(2)
-            .desired_capacity(1)
-            .availability_zones(format!("{}a", moto::REGION))
-            .send()
-            .await
-            .unwrap();
-        name
-    });
+    let lc_asg = rollout::legacy_group(&g.ami1);
     out.push(judge(
         "ASG: on a launch configuration",
         &p,

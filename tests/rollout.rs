@@ -554,29 +554,7 @@ fn bad_input_exits_2_without_changing_anything() {
     r.expect_code(EXIT_BAD_INPUT);
 
     // A group on a launch configuration: the error says how to move.
-    let lc_asg = rt().block_on(async {
-        let asc = aws_sdk_autoscaling::Client::new(&conf().await);
-        let lc = moto::unique("lc");
-        asc.create_launch_configuration()
-            .launch_configuration_name(&lc)
-            .image_id(&g.ami1)
-            .instance_type("t3.micro")
-            .send()
-            .await
-            .unwrap();
-        let name = moto::unique("legacy");
-        asc.create_auto_scaling_group()
-            .auto_scaling_group_name(&name)
-            .launch_configuration_name(&lc)
-            .min_size(1)
-            .max_size(2)
-            .desired_capacity(1)
-            .availability_zones(format!("{}a", moto::REGION))
-            .send()
-            .await
-            .unwrap();
-        name
-    });
+    let lc_asg = legacy_group(&g.ami1);
     proxy.clear_calls();
     let r = kiln(&project, &proxy.endpoint(), &["rollout", &lc_asg, &v2]);
     r.expect_code(EXIT_BAD_INPUT);
@@ -828,4 +806,32 @@ fn abort_after_sigkill_rolls_back_cleanly() {
         &["history", &g.asg, "--output", "json"],
     );
     assert_eq!(json(&hist)["rollouts"][0]["outcome"], "Aborted", "{hist}");
+}
+
+/// An auto-scaling group on a legacy launch configuration (which kiln refuses to
+/// roll), launching `ami`. Returns its name.
+pub(crate) fn legacy_group(ami: &str) -> String {
+    rt().block_on(async {
+        let asc = aws_sdk_autoscaling::Client::new(&conf().await);
+        let lc = moto::unique("lc");
+        asc.create_launch_configuration()
+            .launch_configuration_name(&lc)
+            .image_id(ami)
+            .instance_type("t3.micro")
+            .send()
+            .await
+            .unwrap();
+        let name = moto::unique("legacy");
+        asc.create_auto_scaling_group()
+            .auto_scaling_group_name(&name)
+            .launch_configuration_name(&lc)
+            .min_size(1)
+            .max_size(2)
+            .desired_capacity(1)
+            .availability_zones(format!("{}a", moto::REGION))
+            .send()
+            .await
+            .unwrap();
+        name
+    })
 }

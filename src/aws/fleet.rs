@@ -302,6 +302,14 @@ pub fn observation_time(t: SystemTime) -> Timestamp {
     Timestamp(secs.saturating_sub(CLOCK_SLACK.as_secs()) * 1000)
 }
 
+/// Instances as ELBv2 targets (instance targets: the id alone, the group's port).
+fn target_descriptions(instances: &[String]) -> Vec<TargetDescription> {
+    instances
+        .iter()
+        .map(|id| TargetDescription::builder().id(id).build())
+        .collect()
+}
+
 fn to_u32(v: Option<i32>) -> u32 {
     v.unwrap_or(0).max(0) as u32
 }
@@ -594,10 +602,7 @@ impl Fleet for AwsFleet {
         if instances.is_empty() {
             return Ok(());
         }
-        let targets: Vec<TargetDescription> = instances
-            .iter()
-            .map(|id| TargetDescription::builder().id(id).build())
-            .collect();
+        let targets = target_descriptions(instances);
         for tg in target_groups {
             self.elb
                 .deregister_targets()
@@ -622,10 +627,7 @@ impl Fleet for AwsFleet {
         if instances.is_empty() {
             return Ok(());
         }
-        let targets: Vec<TargetDescription> = instances
-            .iter()
-            .map(|id| TargetDescription::builder().id(id).build())
-            .collect();
+        let targets = target_descriptions(instances);
         for tg in target_groups {
             self.elb
                 .register_targets()
