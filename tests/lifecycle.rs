@@ -731,18 +731,22 @@ fn package_upload_url(send_command: &[u8]) -> Option<String> {
     Some(rest[..rest.find('\'')?].to_string())
 }
 
-/// PUTs `bytes` to `url` with curl, as the builder's bootstrap does, straight
-/// to moto (the builder talks to S3, not through kiln's proxy).
-fn curl_put(url: &str, bytes: &[u8]) {
+/// PUTs `bytes` to `url` with curl, as the builder's bootstrap does (with the
+/// `If-None-Match: *` the URL is signed for), straight to moto (the builder
+/// talks to S3, not through kiln's proxy). The HTTP status.
+fn curl_put(url: &str, bytes: &[u8]) -> u16 {
     use std::io::Write;
     let mut child = std::process::Command::new("curl")
-        .args(["-fsS", "-T", "-", url])
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-H", "If-None-Match: *", "-T", "-", url])
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("curl");
     child.stdin.take().unwrap().write_all(bytes).unwrap();
-    assert!(child.wait().unwrap().success(), "curl -T {url}");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "curl -T {url}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
 /// Plays the builder's part, which moto's instances never run: when kiln sends
@@ -758,7 +762,8 @@ fn play_builder(
         if let Some(url) = package_upload_url(request) {
             seen2.lock().unwrap().push(url.clone());
             if let Some(l) = list.lock().unwrap().clone() {
-                curl_put(&url.replacen(&front, moto::endpoint(), 1), l.as_bytes());
+                let status = curl_put(&url.replacen(&front, moto::endpoint(), 1), l.as_bytes());
+                assert_eq!(status, 200, "the builder's upload");
             }
         }
         answer.to_vec()
@@ -769,10 +774,10 @@ fn play_builder(
 /// Three real bakes. The first two builders upload their `dpkg-query -W`
 /// lists (played by the test through the presigned URL kiln put in the
 /// provisioning command): `kiln diff` shows the added, removed and changed
-/// packages, and the bake made exactly one extra read (GetObject) for it. The
-/// third builder uploads nothing: the bake still succeeds, says no package list
-/// was recorded, and `kiln diff` says packages are not compared. A list
-/// replaced in S3 after its bake is reported, not compared.
+/// packages. The bake itself never reads the list (no extra call: a full bake
+/// stays at 18 calls); each run has its own key, and S3 refuses a second upload
+/// to it. The third builder uploads nothing: the bake still succeeds, and
+/// `kiln diff` says why packages are not compared.
 #[test]
 fn diff_shows_package_changes_recorded_by_the_bakes() {
     use crate::bake::{bake, project, setup};
@@ -795,22 +800,24 @@ fn diff_shows_package_changes_recorded_by_the_bakes() {
     first.expect_ok();
     let out = json(&first);
     let hash1 = out["hash"].as_str().unwrap();
-    assert_eq!(out["packages"]["count"], 3, "{first}");
-    assert_eq!(
-        out["packages"]["key"],
-        format!("kiln/packages/{image}/{hash1}.txt").as_str(),
-        "{first}"
+    let key1 = format!(
+        "kiln/packages/{image}/{hash1}/{}.txt",
+        out["run_id"].as_str().unwrap()
     );
+    assert_eq!(out["packages"]["key"], key1.as_str(), "{first}");
+    assert!(out["packages"]["count"].is_null(), "not read back: {first}");
     assert_eq!(urls.lock().unwrap().len(), 1, "one provisioning command");
     assert!(
-        urls.lock().unwrap()[0].contains(&format!("kiln/packages/{image}/{hash1}.txt?")),
+        urls.lock().unwrap()[0].contains(&format!("{key1}?")),
         "{:?}",
         urls.lock().unwrap()
     );
-    assert_eq!(proxy.count("s3:GetObject"), 1, "{}", proxy.summary());
+    assert_eq!(proxy.count("s3:GetObject"), 0, "{}", proxy.summary());
+    // Packer's 19 are measured with the artifact already in the bucket; the
+    // first bake of a new jar also uploads it (one PutObject, not counted).
     assert!(
-        proxy.total_calls() < 21,
-        "still fewer calls than Packer\n{}",
+        proxy.total_calls() - proxy.count("s3:PutObject") <= 18,
+        "fewer calls than Packer's 19\n{}",
         proxy.summary()
     );
     eprintln!("full bake with a package list:\n{}", proxy.summary());
@@ -821,13 +828,17 @@ fn diff_shows_package_changes_recorded_by_the_bakes() {
     assert_eq!(hit.count("s3:GetObject"), 0, "{}", hit.summary());
     assert!(hit.total_calls() <= 2, "{}", hit.summary());
 
+    // The list is write-once: a second upload to version 1's URL is refused.
+    let url1 = urls.lock().unwrap()[0].replacen(&proxy.endpoint(), moto::endpoint(), 1);
+    assert_eq!(curl_put(&url1, b"curl\t0\n"), 412, "a second upload");
+
     touch_template("# two\n");
     *list.lock().unwrap() = Some(
         "curl\t7.35.0-1ubuntu2.21\njq\t1.3-1.1ubuntu1\nopenssl\t1.0.1f-1ubuntu2.27\n".to_string(),
     );
     let second = bake(&p, &proxy.endpoint(), &image, &[]);
     second.expect_ok();
-    assert_eq!(json(&second)["packages"]["count"], 3, "{second}");
+    assert_ne!(json(&second)["packages"]["key"], key1.as_str(), "{second}");
 
     let d = p.kiln(
         moto::endpoint(),
@@ -887,12 +898,13 @@ fn diff_shows_package_changes_recorded_by_the_bakes() {
         assert!(human.stdout.contains(line), "{line}\n{human}");
     }
 
-    // A builder that uploads nothing: the bake succeeds without a list.
+    // A builder that uploads nothing: the bake succeeds, and diff says why
+    // the packages are not compared.
     *list.lock().unwrap() = None;
     touch_template("# three\n");
     let third = p.kiln(&proxy.endpoint(), &["bake", &image]);
     third.expect_ok();
-    assert!(third.stderr.contains("no package list recorded"), "{third}");
+    assert!(third.stdout.contains("package list: s3://"), "{third}");
     let d = p.kiln(
         moto::endpoint(),
         &[
@@ -906,31 +918,12 @@ fn diff_shows_package_changes_recorded_by_the_bakes() {
     d.expect_ok();
     let report = json(&d);
     assert!(report["packages"].is_null(), "{d}");
-    assert_eq!(report["to"]["packages_recorded"], false, "{d}");
+    assert_eq!(report["to"]["packages_recorded"], true, "{d}");
     let notes = report["notes"].to_string();
     assert!(
-        notes.contains(&format!("{image}@3 has no package list recorded")),
+        notes.contains(&format!("the package list of {image}@3 cannot be read"))
+            && notes.contains("does not exist: the builder did not upload it"),
         "{d}"
     );
-
-    // Version 1's list replaced in S3 after its bake: reported, not compared.
-    let url = urls.lock().unwrap()[0].replacen(&proxy.endpoint(), moto::endpoint(), 1);
-    curl_put(&url, b"curl\t0\n");
-    let d = p.kiln(
-        moto::endpoint(),
-        &[
-            "--output",
-            "json",
-            "diff",
-            &format!("{image}@1"),
-            &format!("{image}@2"),
-        ],
-    );
-    d.expect_ok();
-    let report = json(&d);
-    assert!(report["packages"].is_null(), "{d}");
-    assert!(
-        report["notes"].to_string().contains("replaced since"),
-        "{d}"
-    );
+    assert!(!notes.contains(&format!("{image}@2 cannot")), "{d}");
 }

@@ -117,8 +117,9 @@ pub struct Outcome {
     pub regions: BTreeMap<String, String>,
     /// `passed`, `skipped`, or `not-run` (reused a ready image).
     pub boot_test: String,
-    /// Where this bake recorded the image's installed-package list (null when
-    /// it built nothing, or the builder uploaded no list).
+    /// Where this bake's builder was told to upload the image's installed-package
+    /// list, as recorded with the version (null when it built nothing or no
+    /// bucket is configured). Not read at bake time: `kiln diff` reads it.
     pub packages: Option<registry::packages::PackageList>,
     pub run_id: String,
     /// What a dry run would do, one line per action.
@@ -347,7 +348,7 @@ async fn pipeline(
     };
     // The provisioning command is built (and its size checked) before launching.
     let bootstrap = match (&plan.home, &launch) {
-        (Home::Build, Some(_)) => Some(build_bootstrap(aws, settings, req).await?),
+        (Home::Build, Some(_)) => Some(build_bootstrap(aws, settings, req, &run_id).await?),
         _ => None,
     };
 
@@ -416,14 +417,15 @@ async fn pipeline(
             )?;
             clock.record("provision", t.elapsed());
 
-            // One GetObject, on the build path only.
-            outcome.packages = match &bootstrap.packages {
-                Some((bucket, key)) => read_package_list(aws, bucket, key, ui).await,
-                None => {
-                    ui.note("no package list recorded: [bake] bucket is not set, so the builder has nowhere to upload it");
-                    None
-                }
-            };
+            // Where the builder was told to put its package list; not read
+            // back here (no call): `kiln diff` reads it.
+            outcome.packages = bootstrap
+                .packages
+                .as_ref()
+                .map(|(bucket, key)| registry::packages::PackageList::at(bucket, key));
+            if outcome.packages.is_none() {
+                ui.note("no package list recorded: [bake] bucket is not set, so the builder has nowhere to upload it");
+            }
 
             let t = Instant::now();
             let step = ui.step("claiming a version number");
@@ -851,6 +853,7 @@ async fn build_bootstrap(
     aws: &Aws,
     s: &Settings,
     req: &Request<'_>,
+    run_id: &str,
 ) -> Result<Bootstrap, BakeError> {
     let s3 = aws.s3();
     // Valid for the whole bake (presigning is local: no call).
@@ -890,12 +893,15 @@ async fn build_bootstrap(
     let mut packages = None;
     let mut put_url = None;
     if let Some(bucket) = &s.bucket {
-        let key = registry::packages::key(&req.prepared.recipe.name, &req.hash);
+        let key = registry::packages::key(&req.prepared.recipe.name, &req.hash, run_id);
         let cfg = presign("PutObject (presign)")?;
         put_url = Some(
             s3.put_object()
                 .bucket(bucket)
                 .key(&key)
+                // Signed: S3 takes one upload to this key and refuses any
+                // later one, so the recorded list stays the one this run wrote.
+                .if_none_match("*")
                 .presigned(cfg)
                 .await
                 .map_err(|e| AwsError::call("s3", "PutObject (presign)", aws.region(), e))?
@@ -913,31 +919,6 @@ async fn build_bootstrap(
         });
     }
     Ok(Bootstrap { script, packages })
-}
-
-/// Reads back the package list the builder uploaded. It is a record of the
-/// bake, not part of the image, so nothing here fails the bake: a missing
-/// object (moto, a provision script that writes no list, a builder that could
-/// not reach S3) or an unreadable one is a note, and the version records none.
-async fn read_package_list(
-    aws: &Aws,
-    bucket: &str,
-    key: &str,
-    ui: &Ui,
-) -> Option<registry::packages::PackageList> {
-    match registry::packages::read(aws, bucket, key).await {
-        Ok(Some(bytes)) => Some(registry::packages::PackageList::of(bucket, key, &bytes)),
-        Ok(None) => {
-            ui.note(format!(
-                "no package list recorded: the builder uploaded none to s3://{bucket}/{key}"
-            ));
-            None
-        }
-        Err(e) => {
-            ui.note(format!("no package list recorded: {e}"));
-            None
-        }
-    }
 }
 
 async fn upload_artifacts(

@@ -62,9 +62,10 @@ pub const PACKAGES_FILE: &str = "packages.txt";
 /// The provisioning command: stage every rendered file (base64, so any byte
 /// survives), fetch and verify every artifact, then run `provision.sh` with bash.
 /// When provisioning succeeded and `packages_url` is given (a presigned S3 PUT
-/// URL), upload the package list `provision.sh` wrote. The upload is a record,
+/// URL, signed with `If-None-Match: *`, which curl must send), upload the
+/// package list `provision.sh` wrote. The upload is a record,
 /// not part of the image: when it fails the script says so and still exits 0,
-/// and the bake records no package list for the version.
+/// and `kiln diff` later says the version's list cannot be read.
 pub fn bootstrap(
     rendered: &[RenderedFile],
     fetches: &[Fetch],
@@ -124,11 +125,11 @@ mkdir -p "$d/files" "$d/artifacts"
     s.push_str(&format!("p=\"$d\"/{}\n", quote(PACKAGES_FILE)));
     s.push_str(&format!(
         r#"if [ ! -s "$p" ]; then
-    echo "[kiln] WARNING: provision.sh wrote no $p: no package list is recorded" >&2
-elif curl -fsS --retry 5 --retry-delay 5 --connect-timeout 20 -T "$p" {}; then
+    echo "[kiln] WARNING: provision.sh wrote no $p: kiln diff cannot compare this version's packages" >&2
+elif curl -fsS --retry 5 --retry-delay 5 --connect-timeout 20 -H 'If-None-Match: *' -T "$p" {}; then
     echo "[kiln] package list uploaded: $(grep -c . <"$p") packages"
 else
-    echo "[kiln] WARNING: uploading $p failed: no package list is recorded" >&2
+    echo "[kiln] WARNING: uploading $p failed: kiln diff cannot compare this version's packages (HTTP 412 means an earlier try got through and the list is there)" >&2
 fi
 "#,
         quote(url)
@@ -371,14 +372,17 @@ mod tests {
         assert!(out.status.success(), "{err}");
         assert_eq!(uploaded, None);
         assert!(
-            err.contains("wrote no") && err.contains("no package list is recorded"),
+            err.contains("wrote no") && err.contains("cannot compare this version's packages"),
             "{err}"
         );
 
         let (out, _) = run_with_upload(WRITES_LIST, true);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{err}");
-        assert!(err.contains("failed: no package list is recorded"), "{err}");
+        assert!(
+            err.contains("uploading") && err.contains("failed: kiln diff cannot compare"),
+            "{err}"
+        );
     }
 
     /// shellcheck as dash (what AWS-RunShellScript runs) finds nothing in the
@@ -394,7 +398,7 @@ mod tests {
             }],
             Some("https://b/kiln/packages/web/h.txt?X-Amz-Signature=a&b=c'd"),
         );
-        assert!(script.contains("curl -fsS --retry 5 --retry-delay 5 --connect-timeout 20 -T \"$p\" 'https://b/kiln/packages/web/h.txt?X-Amz-Signature=a&b=c'\\''d'"), "{script}");
+        assert!(script.contains("curl -fsS --retry 5 --retry-delay 5 --connect-timeout 20 -H 'If-None-Match: *' -T \"$p\" 'https://b/kiln/packages/web/h.txt?X-Amz-Signature=a&b=c'\\''d'"), "{script}");
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s.sh");
         std::fs::write(&p, &script).unwrap();

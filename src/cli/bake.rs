@@ -94,6 +94,6 @@ fn print(ctx: &Ctx, o: &Outcome) {
         println!("  {region:<16} {ami}");
     }
     if let Some(p) = &o.packages {
-        println!("  packages: {} recorded at {}", p.count, p.location());
+        println!("  package list: {}", p.location());
     }
 }

@@ -35,8 +35,8 @@ pub struct ClaimRecord {
     /// before it was recorded, or when it does not fit (see [`MAX_VALUE`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub manifest: Vec<String>,
-    /// Where the image's `dpkg-query -W` output is kept in S3, with its
-    /// sha256, when the builder uploaded it (see [`super::packages`]). The list
+    /// Where the builder was told to upload the image's `dpkg-query -W`
+    /// output in S3 (see [`super::packages`]); absent when no bucket is set. The list
     /// itself does not fit in a parameter. Not part of the content hash: it is
     /// an output of the bake, not an input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -304,12 +304,10 @@ mod tests {
             manifest: (0..n)
                 .map(|i| format!("file f{i} mode=0644 sha256={}", "c".repeat(64)))
                 .collect(),
-            package_list: Some(crate::registry::packages::PackageList {
-                bucket: "kiln-artifacts".into(),
-                key: crate::registry::packages::key("web", &"ab".repeat(32)),
-                sha256: "cd".repeat(32),
-                count: 512,
-            }),
+            package_list: Some(crate::registry::packages::PackageList::at(
+                "kiln-artifacts",
+                &crate::registry::packages::key("web", &"ab".repeat(32), &"r".repeat(36)),
+            )),
         };
         let (small, adv) = claim_value(&record(3));
         assert!(!adv && small.contains("file f2"));

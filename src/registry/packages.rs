@@ -4,9 +4,14 @@
 //! It is an output of the bake, not an input, so it is not part of the content
 //! hash. The builder uploads it with curl to a presigned S3 PUT URL kiln signed
 //! for [`key`] (SSM Run Command output is truncated and moto returns none, so the
-//! command's output cannot carry it); the bake reads it back once and records
-//! where it is and its sha256 ([`PackageList`]) in the version claim. The list
-//! itself (tens of KB) stays in S3: a claim parameter holds at most 8 KB.
+//! command's output cannot carry it). The bake does not read it back: it costs a
+//! full bake no call. The version claim records where it is ([`PackageList`]);
+//! `kiln diff` reads it. The list itself (tens of KB) stays in S3: a claim
+//! parameter holds at most 8 KB.
+//!
+//! The key is one per bake run, and the URL is signed with `If-None-Match: *`,
+//! so S3 accepts one upload to it and refuses any later one: what `kiln diff`
+//! reads is what that run's builder wrote.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,12 +24,14 @@ pub const PREFIX: &str = "kiln/packages/";
 /// (about 20 KB), so anything near this is not a `dpkg-query -W` output.
 pub const MAX_BYTES: usize = 4 * 1024 * 1024;
 
-/// Where a version's package list is: `kiln/packages/<image>/<hash>.txt`. One
-/// object per content hash: a re-bake of the same content (after its image was
-/// pruned, or after a failed attempt) replaces it, and the sha256 recorded with
-/// each version tells whether the object is still the one that version shipped.
-pub fn key(image: &str, hash: &str) -> String {
-    format!("{PREFIX}{image}/{hash}.txt")
+/// Where a bake run's package list goes:
+/// `kiln/packages/<image>/<hash>/<run id>.txt`. One object per run, not per
+/// content hash: a re-bake of the same content (after a failed attempt, or
+/// after its image was pruned) installs from the same recipe but may get newer
+/// packages from the archive, and must not replace the list an earlier version
+/// recorded.
+pub fn key(image: &str, hash: &str, run_id: &str) -> String {
+    format!("{PREFIX}{image}/{hash}/{run_id}.txt")
 }
 
 /// What a version claim records about its package list.
@@ -32,25 +39,46 @@ pub fn key(image: &str, hash: &str) -> String {
 pub struct PackageList {
     pub bucket: String,
     pub key: String,
-    /// sha256 of the object's bytes as the bake read them.
-    pub sha256: String,
-    /// Number of packages (non-empty lines).
-    pub count: usize,
+    /// sha256 of the object's bytes, for lists recorded by kiln versions that
+    /// read the list back at bake time (keys per content hash, which a re-bake
+    /// could replace). Checked by [`fetch`] when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Number of packages, recorded alongside `sha256` by those versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
 }
 
 impl PackageList {
-    /// The record of `bytes` read from `bucket`/`key`.
-    pub fn of(bucket: &str, key: &str, bytes: &[u8]) -> PackageList {
+    /// Where the builder of a bake run was told to upload its list.
+    pub fn at(bucket: &str, key: &str) -> PackageList {
         PackageList {
             bucket: bucket.to_string(),
             key: key.to_string(),
-            sha256: crate::recipe::hash::sha256_bytes(bytes),
-            count: lines(bytes).len(),
+            sha256: None,
+            count: None,
         }
     }
 
     pub fn location(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.key)
+    }
+
+    /// Pure: the list's lines from the object's `bytes`, or why they are not
+    /// the ones recorded (an older record's sha256 no longer matches).
+    pub fn check(&self, bytes: &[u8]) -> Result<Vec<String>, String> {
+        if let Some(recorded) = &self.sha256 {
+            let sha = crate::recipe::hash::sha256_bytes(bytes);
+            if &sha != recorded {
+                return Err(format!(
+                    "{} has sha256 {}, not the {} recorded at the bake (replaced since)",
+                    self.location(),
+                    &sha[..12],
+                    &recorded[..recorded.len().min(12)]
+                ));
+            }
+        }
+        Ok(lines(bytes))
     }
 }
 
@@ -99,24 +127,16 @@ pub async fn read(aws: &Aws, bucket: &str, key: &str) -> Result<Option<Vec<u8>>,
     Ok(Some(bytes.into_bytes().to_vec()))
 }
 
-/// A recorded list, read back for `kiln diff`: its lines when the object is
-/// still there with the recorded sha256, otherwise why not.
+/// A recorded list, read back for `kiln diff`: its lines, or why not.
 pub async fn fetch(aws: &Aws, list: &PackageList) -> Result<Vec<String>, String> {
     match read(aws, &list.bucket, &list.key).await {
-        Ok(Some(bytes)) => {
-            let sha = crate::recipe::hash::sha256_bytes(&bytes);
-            if sha == list.sha256 {
-                Ok(lines(&bytes))
-            } else {
-                Err(format!(
-                    "{} has sha256 {}, not the {} recorded at the bake (replaced since)",
-                    list.location(),
-                    &sha[..12],
-                    &list.sha256[..list.sha256.len().min(12)]
-                ))
-            }
-        }
-        Ok(None) => Err(format!("{} is gone", list.location())),
+        Ok(Some(bytes)) => list.check(&bytes),
+        Ok(None) => Err(format!(
+            "{} does not exist: the builder did not upload it (its provision.sh wrote no \
+             list, or it could not reach S3; the bake's provisioning output says which) \
+             or it was deleted",
+            list.location()
+        )),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -126,23 +146,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn key_is_per_image_and_content_hash() {
+    fn key_is_per_image_content_hash_and_run() {
         assert_eq!(
-            key("web", &"ab".repeat(32)),
-            format!("kiln/packages/web/{}.txt", "ab".repeat(32))
+            key("web", &"ab".repeat(32), "r1"),
+            format!("kiln/packages/web/{}/r1.txt", "ab".repeat(32))
         );
+        assert_ne!(key("web", "h", "r1"), key("web", "h", "r2"));
     }
 
     #[test]
-    fn record_counts_packages_and_hashes_the_bytes() {
+    fn lines_drop_blanks_and_carriage_returns() {
         let bytes = b"curl\t7.35.0-1ubuntu2.20\n\nopenssl\t1.0.1f-1ubuntu2.27\r\n";
-        let l = PackageList::of("b", "k", bytes);
-        assert_eq!(l.count, 2);
-        assert_eq!(l.sha256, crate::recipe::hash::sha256_bytes(bytes));
         assert_eq!(
-            lines(bytes),
+            PackageList::at("b", "k").check(bytes).unwrap(),
             ["curl\t7.35.0-1ubuntu2.20", "openssl\t1.0.1f-1ubuntu2.27"]
         );
-        assert_eq!(l.location(), "s3://b/k");
+        assert_eq!(PackageList::at("b", "k").location(), "s3://b/k");
+    }
+
+    /// A record is only where the list is; one written by an older kiln
+    /// (with the sha256 it read back) still parses, and a list replaced since
+    /// is refused rather than compared.
+    #[test]
+    fn records_old_and_new_parse_and_old_ones_are_verified() {
+        let new = serde_json::to_string(&PackageList::at("b", "k")).unwrap();
+        assert_eq!(new, r#"{"bucket":"b","key":"k"}"#);
+        let bytes = b"curl\t1\n";
+        let old: PackageList = serde_json::from_str(&format!(
+            r#"{{"bucket":"b","key":"k","sha256":"{}","count":1}}"#,
+            crate::recipe::hash::sha256_bytes(bytes)
+        ))
+        .unwrap();
+        assert_eq!(old.check(bytes).unwrap(), ["curl\t1"]);
+        let err = old.check(b"curl\t2\n").unwrap_err();
+        assert!(
+            err.contains("s3://b/k") && err.contains("replaced since"),
+            "{err}"
+        );
     }
 }
