@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::support::cli::{kiln_command, Project, Run, EXIT_BAD_INPUT, EXIT_FAILED};
 use crate::support::moto::{self, TRUSTY_NEWEST};
-use crate::support::proxy::{replace_all, Proxy};
+use crate::support::proxy::{form, replace_all, Proxy};
 
 const COPY_REGION: &str = "eu-west-1";
 
@@ -797,6 +797,111 @@ fn bad_input_is_reported_before_anything_is_created() {
     }
     assert!(amis(moto::REGION, &image).is_empty());
     assert_eq!(live_instances(&image), Vec::<String>::new());
+}
+
+/// The base image's root device and its size, as EC2 describes it.
+fn root_volume_of(ami: &str) -> (String, i32) {
+    rt().block_on(async {
+        let ec2 = aws_sdk_ec2::Client::new(&sdk(moto::REGION).await);
+        let out = ec2.describe_images().image_ids(ami).send().await.unwrap();
+        let image = &out.images()[0];
+        let device = image.root_device_name().unwrap().to_string();
+        let size = image
+            .block_device_mappings()
+            .iter()
+            .find(|m| m.device_name() == Some(device.as_str()))
+            .and_then(|m| m.ebs())
+            .and_then(|e| e.volume_size())
+            .unwrap_or_else(|| panic!("{ami} has no EBS root volume: {image:?}"));
+        (device, size)
+    })
+}
+
+/// `builder.root_volume_gib` resizes the builder's root volume (only the
+/// builder's: the boot-test instance boots the new image as it is), and a size
+/// below the base image's is refused before anything is created, naming the
+/// minimum.
+#[test]
+fn builder_root_volume_gib_sizes_the_builder_and_is_checked_against_the_base() {
+    let env = setup();
+    let image = moto::unique("web");
+    let base = "ami-0f6b3c9d25e4a5c33";
+    let (device, base_gib) = root_volume_of(base);
+    let set_size = |p: &Project, gib: i32| {
+        let recipe = p.root().join("images").join(&image).join("image.toml");
+        let t = std::fs::read_to_string(&recipe).unwrap();
+        let t = t.replace(
+            "instance_type = \"t2.small\"\n",
+            &format!("instance_type = \"t2.small\"\nroot_volume_gib = {gib}\n"),
+        );
+        assert!(
+            t.contains("root_volume_gib"),
+            "recipe has a [builder] table"
+        );
+        std::fs::write(&recipe, t).unwrap();
+    };
+
+    let p = project(&env, &image, "");
+    let want = base_gib + 8;
+    set_size(&p, want);
+    let proxy = Proxy::start(moto::endpoint());
+    let launches = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = launches.clone();
+    proxy.rewrite_exchange("ec2:RunInstances", move |request, answer| {
+        seen.lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(request).into_owned());
+        answer.to_vec()
+    });
+    let run = bake(&p, &proxy.endpoint(), &image, &[]);
+    run.expect_ok();
+    let launches = launches.lock().unwrap().clone();
+    assert_eq!(launches.len(), 2, "builder and boot test\n{run}");
+    let builder = form(&launches[0]);
+    assert_eq!(builder["ImageId"], base);
+    assert_eq!(builder["BlockDeviceMapping.1.DeviceName"], device);
+    assert_eq!(
+        builder["BlockDeviceMapping.1.Ebs.VolumeSize"],
+        want.to_string()
+    );
+    assert_eq!(
+        builder["BlockDeviceMapping.1.Ebs.DeleteOnTermination"],
+        "true"
+    );
+    let tester = form(&launches[1]);
+    assert!(
+        !tester.keys().any(|k| k.starts_with("BlockDeviceMapping")),
+        "the boot test launches the new image as it is: {tester:?}"
+    );
+    assert_eq!(live_instances(&image), Vec::<String>::new());
+
+    // Smaller than the base image: exit 2, one line, nothing created.
+    assert!(base_gib > 1, "{base} has a {base_gib} GiB root volume");
+    let p = project(&env, &image, "");
+    set_size(&p, base_gib - 1);
+    let proxy = Proxy::start(moto::endpoint());
+    let run = p.kiln(&proxy.endpoint(), &["bake", &image]);
+    run.expect_code(EXIT_BAD_INPUT);
+    let last = run.stderr.trim().lines().last().unwrap();
+    assert!(
+        last.contains("builder.root_volume_gib")
+            && last.contains(&format!("at least {base_gib}"))
+            && last.contains(base),
+        "{last}\n{run}"
+    );
+    assert_eq!(proxy.mutating_calls(), 0, "{}", proxy.summary());
+
+    // Not a volume size at all: refused offline, before any call.
+    let p = project(&env, &image, "");
+    set_size(&p, 0);
+    let proxy = Proxy::start(moto::endpoint());
+    let run = p.kiln(&proxy.endpoint(), &["bake", &image]);
+    run.expect_code(EXIT_BAD_INPUT);
+    assert!(
+        run.stderr.contains("builder.root_volume_gib") && run.stderr.contains("1 to 16384 GiB"),
+        "{run}"
+    );
+    assert_eq!(proxy.total_calls(), 0, "{}", proxy.summary());
 }
 
 #[test]

@@ -20,6 +20,8 @@ pub enum BakeError {
     NoSecurityGroup { group: String, region: String },
     #[error("base AMI {ami} does not exist in {region}; fix [base] in the recipe")]
     NoBaseAmi { ami: String, region: String },
+    #[error("builder.root_volume_gib in the recipe: {why}")]
+    RootVolume { why: String },
     #[error("the provisioning command for {image} is {size} bytes, over the {limit}-byte limit of SSM Run Command; move large rendered files into artifacts")]
     TooLarge {
         image: String,
@@ -81,6 +83,7 @@ impl BakeError {
             | BakeError::NoInstanceProfile { .. }
             | BakeError::NoSecurityGroup { .. }
             | BakeError::NoBaseAmi { .. }
+            | BakeError::RootVolume { .. }
             | BakeError::TooLarge { .. } => true,
             BakeError::Registry(e) => e.is_input(),
             BakeError::Aws(e) => e.is_input(),

@@ -20,6 +20,7 @@
 mod error;
 pub mod gc;
 pub mod plan;
+mod root_volume;
 pub mod scripts;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -247,6 +248,8 @@ struct Launch {
     security_group: Option<String>,
     /// Local artifacts already in the bucket (by sha256).
     uploaded: BTreeSet<String>,
+    /// The builder's root volume, when the recipe sets `root_volume_gib`.
+    root_volume: Option<aws_sdk_ec2::types::BlockDeviceMapping>,
 }
 
 async fn pipeline(
@@ -385,6 +388,7 @@ async fn pipeline(
                 launch,
                 &sg,
                 &req.base_ami,
+                launch.root_volume.as_ref(),
                 Some(scripts::user_data()),
                 temp_tags("builder", format!("kiln-builder {image} {short}")),
                 temps,
@@ -794,19 +798,24 @@ async fn preflight(
             Err(e) => Err(AwsError::call("ec2", "DescribeSecurityGroups", &region, e).into()),
         }
     };
+    let root_gib = req.prepared.recipe.file.builder.root_volume_gib;
     let base_check = async {
-        if !building || req.base_ami_checked {
-            return Ok(());
+        // A resolved base was found by a lookup that proves it exists; a
+        // resize needs its block device mappings, so it is described then too.
+        if !building || (req.base_ami_checked && root_gib.is_none()) {
+            return Ok(None);
         }
-        let found = registry_base_exists(aws, &req.base_ami).await?;
-        if found {
-            Ok(())
-        } else {
-            Err(BakeError::NoBaseAmi {
+        let Some(base) = describe_base(aws, &req.base_ami).await? else {
+            return Err(BakeError::NoBaseAmi {
                 ami: req.base_ami.clone(),
                 region: region.clone(),
+            });
+        };
+        root_gib
+            .map(|gib| {
+                root_volume::mapping(&base, gib).map_err(|why| BakeError::RootVolume { why })
             })
-        }
+            .transpose()
     };
     let (vpc, p, uploaded, sg, b) = tokio::join!(
         subnet_check,
@@ -819,22 +828,31 @@ async fn preflight(
     p?;
     let uploaded = uploaded?;
     let security_group = sg?;
-    b?;
+    let root_volume = b?;
     Ok(Launch {
         subnet,
         vpc,
         profile,
         security_group,
         uploaded,
+        root_volume,
     })
 }
 
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
-async fn registry_base_exists(aws: &Aws, ami: &str) -> Result<bool, BakeError> {
+/// The base image, or `None` when it does not exist here.
+async fn describe_base(
+    aws: &Aws,
+    ami: &str,
+) -> Result<Option<aws_sdk_ec2::types::Image>, BakeError> {
     match aws.ec2().describe_images().image_ids(ami).send().await {
-        Ok(o) => Ok(o.images().iter().any(|i| i.image_id() == Some(ami))),
-        Err(e) if e.code().is_some_and(|c| c.starts_with("InvalidAMIID")) => Ok(false),
+        Ok(o) => Ok(o
+            .images()
+            .iter()
+            .find(|i| i.image_id() == Some(ami))
+            .cloned()),
+        Err(e) if e.code().is_some_and(|c| c.starts_with("InvalidAMIID")) => Ok(None),
         Err(e) => Err(AwsError::call("ec2", "DescribeImages", aws.region(), e).into()),
     }
 }
@@ -1012,6 +1030,7 @@ async fn launch_instance(
     launch: &Launch,
     sg: &str,
     ami: &str,
+    root_volume: Option<&aws_sdk_ec2::types::BlockDeviceMapping>,
     user_data: Option<String>,
     tags: Vec<Tag>,
     temps: &Shared,
@@ -1045,6 +1064,9 @@ async fn launch_instance(
         )
         .tag_specifications(spec(ResourceType::Instance, &tags))
         .tag_specifications(spec(ResourceType::Volume, &tags));
+    if let Some(m) = root_volume {
+        call = call.block_device_mappings(m.clone());
+    }
     if let Some(u) = user_data {
         call = call.user_data(aws_smithy_types::base64::encode(u.as_bytes()));
     }
@@ -1396,6 +1418,8 @@ async fn finish_image(
             launch,
             sg,
             &a.id,
+            // The new image already has the builder's volume size.
+            None,
             None,
             temp_tags(
                 "boot-test",

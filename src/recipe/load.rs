@@ -129,6 +129,16 @@ impl Recipe {
             }
         }
 
+        if let Some(gib) = f.builder.root_volume_gib {
+            // EBS volume sizes: 1 GiB to 16 TiB (gp2/gp3).
+            if !(1..=16384).contains(&gib) {
+                return Err(self.invalid(
+                    "builder.root_volume_gib",
+                    format!("{gib} is not an EBS volume size (1 to 16384 GiB)"),
+                ));
+            }
+        }
+
         let j = &f.java;
         if j.version.trim().is_empty() {
             return Err(self.invalid(

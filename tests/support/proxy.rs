@@ -996,6 +996,17 @@ fn signing_service(headers: &HeaderMap, uri: &Uri) -> Option<String> {
     scope.split('/').nth(3).map(str::to_string)
 }
 
+/// Every field of `a=1&b=2` (a Query-protocol request body), percent-decoded.
+pub fn form(body: &str) -> BTreeMap<String, String> {
+    body.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
 /// A value from `a=1&b=2` (form body or query string), percent-decoded.
 fn form_value(form: &str, key: &str) -> Option<String> {
     form.split('&').find_map(|pair| {
