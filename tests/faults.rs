@@ -61,6 +61,7 @@ enum ApiFault {
     ServerError,
     Reset,
     Latency,
+    LostResponse,
 }
 
 impl ApiFault {
@@ -70,6 +71,7 @@ impl ApiFault {
             ApiFault::ServerError => "HTTP 500 10%",
             ApiFault::Reset => "connection reset 5%",
             ApiFault::Latency => "latency 200±150 ms",
+            ApiFault::LostResponse => "lost response 5%",
         }
     }
 
@@ -81,6 +83,7 @@ impl ApiFault {
             ApiFault::Latency => {
                 proxy.set_latency(Duration::from_millis(200), Duration::from_millis(150))
             }
+            ApiFault::LostResponse => proxy.set_lose_response_rate(0.05),
         }
     }
 
@@ -805,6 +808,18 @@ fn trial_api_faults_rollouts_reset() {
 #[ignore]
 fn trial_api_faults_rollouts_latency() {
     api_fault_rollouts(ApiFault::Latency, 20);
+}
+
+#[test]
+#[ignore]
+fn trial_api_faults_bakes_lost_response() {
+    api_fault_bakes(ApiFault::LostResponse, 20);
+}
+
+#[test]
+#[ignore]
+fn trial_api_faults_rollouts_lost_response() {
+    api_fault_rollouts(ApiFault::LostResponse, 20);
 }
 
 #[test]
