@@ -59,6 +59,11 @@ pub struct Fetch {
 /// staging directory (templates/trusty/provision.sh.tera).
 pub const PACKAGES_FILE: &str = "packages.txt";
 
+/// Where the bootstrap keeps its run-once guard: `<GUARD>.lock` and
+/// `<GUARD>.status`. Under /run, a tmpfs, so it is never in the image; a builder
+/// serves one bake, so one fixed path is enough.
+pub const GUARD: &str = "/run/kiln-provision";
+
 /// The provisioning command: stage every rendered file (base64, so any byte
 /// survives), fetch and verify every artifact, then run `provision.sh` with bash.
 /// When provisioning succeeded and `packages_url` is given (a presigned S3 PUT
@@ -74,6 +79,23 @@ pub fn bootstrap(
     let mut s = String::new();
     s.push_str("set -eu\numask 022\n");
     s.push_str(&format!("d={}\n", quote(STAGING_DIR)));
+    // Run once per builder. SendCommand has no client token: when its answer
+    // is lost the SDK sends it again, and the agent runs both. The second
+    // invocation waits for the first (flock), then reports its exit status
+    // instead of provisioning again over it. Provisioning runs with the lock's
+    // descriptor closed, so a daemon it starts cannot hold the lock.
+    s.push_str(&format!("g={}\n", quote(GUARD)));
+    s.push_str(
+        r#"exec 9>"$g.lock"
+flock 9
+if [ -s "$g.status" ]; then
+    s=$(cat "$g.status")
+    echo "[kiln] provisioning already ran on this builder in an earlier invocation of this bake (a retried SendCommand); its exit status was $s, its output is in that invocation's SSM history"
+    exit "$s"
+fi
+trap 'echo $? >"$g.status"' EXIT
+"#,
+    );
     s.push_str(
         r#"fail() { echo "[kiln] ERROR: $*" >&2; exit 1; }
 rm -rf "$d"
@@ -115,13 +137,13 @@ mkdir -p "$d/files" "$d/artifacts"
             ));
         }
     }
+    // Not exec: the guard's trap records the exit status, and the upload runs
+    // after it. `set -e` ends the script with provision.sh's exit status when
+    // it fails, before any upload.
+    s.push_str("bash \"$d/provision.sh\" 9>&-\n");
     let Some(url) = packages_url else {
-        s.push_str("exec bash \"$d/provision.sh\"\n");
         return s;
     };
-    // Not exec: the upload runs after it. `set -e` ends the script with
-    // provision.sh's exit status when it fails, before any upload.
-    s.push_str("bash \"$d/provision.sh\"\n");
     s.push_str(&format!("p=\"$d\"/{}\n", quote(PACKAGES_FILE)));
     s.push_str(&format!(
         r#"if [ ! -s "$p" ]; then
@@ -213,6 +235,22 @@ mod tests {
         ]
     }
 
+    /// `script` with its staging directory at `stage` and its run-once guard
+    /// at `guard`, so it can run here.
+    fn locally(script: String, stage: &std::path::Path, guard: &std::path::Path) -> String {
+        let script = script
+            .replace(
+                &format!("d={}", quote(STAGING_DIR)),
+                &format!("d={}", quote(stage.to_str().unwrap())),
+            )
+            .replace(
+                &format!("g={}", quote(GUARD)),
+                &format!("g={}", quote(guard.to_str().unwrap())),
+            );
+        assert!(!script.contains(GUARD) && !script.contains(STAGING_DIR));
+        script
+    }
+
     #[test]
     fn quoting_survives_single_quotes() {
         assert_eq!(quote("it's"), r"'it'\''s'");
@@ -262,18 +300,20 @@ mod tests {
         let sha = crate::recipe::hash::sha256_bytes(b"artifact bytes");
         let stage = dir.path().join("stage");
         let run = |sha: &str| {
-            let script = bootstrap(
-                &rendered(),
-                &[Fetch {
-                    name: "app".into(),
-                    url: format!("file://{}", art.display()),
-                    sha256: sha.into(),
-                }],
-                None,
-            )
-            .replace(
-                &format!("d={}", quote(STAGING_DIR)),
-                &format!("d={}", quote(stage.to_str().unwrap())),
+            // A fresh guard per run: each stands for its own builder.
+            let guard = tempfile::tempdir().unwrap();
+            let script = locally(
+                bootstrap(
+                    &rendered(),
+                    &[Fetch {
+                        name: "app".into(),
+                        url: format!("file://{}", art.display()),
+                        sha256: sha.into(),
+                    }],
+                    None,
+                ),
+                &stage,
+                &guard.path().join("guard"),
             );
             std::process::Command::new("sh")
                 .arg("-c")
@@ -324,9 +364,10 @@ mod tests {
         };
         let mut files = rendered();
         files[0].bytes = format!("#!/bin/bash\n{provision}\n").into_bytes();
-        let script = bootstrap(&files, &[], Some(&url)).replace(
-            &format!("d={}", quote(STAGING_DIR)),
-            &format!("d={}", quote(stage.to_str().unwrap())),
+        let script = locally(
+            bootstrap(&files, &[], Some(&url)),
+            &stage,
+            &dir.path().join("guard"),
         );
         let out = std::process::Command::new("sh")
             .arg("-c")
@@ -383,6 +424,48 @@ mod tests {
             err.contains("uploading") && err.contains("failed: kiln diff cannot compare"),
             "{err}"
         );
+    }
+
+    /// A retried SendCommand runs the bootstrap twice on one builder, at the
+    /// same time: provisioning runs once, the second invocation waits for it
+    /// and ends with its exit status, success or failure.
+    #[test]
+    fn a_second_invocation_on_one_builder_reports_the_first_instead_of_provisioning_again() {
+        for code in [0, 7] {
+            let dir = tempfile::tempdir().unwrap();
+            let count = dir.path().join("count");
+            let mut files = rendered();
+            files[0].bytes = format!(
+                "#!/bin/bash\necho ran >>{}\nsleep 0.3\nexit {code}\n",
+                quote(count.to_str().unwrap())
+            )
+            .into_bytes();
+            let script = locally(
+                bootstrap(&files, &[], None),
+                &dir.path().join("stage"),
+                &dir.path().join("guard"),
+            );
+            let spawn = || {
+                std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(&script)
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            };
+            let (a, b) = (spawn(), spawn());
+            let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+            assert_eq!(
+                std::fs::read_to_string(&count).unwrap(),
+                "ran\n",
+                "provisioned once"
+            );
+            assert_eq!((a.status.code(), b.status.code()), (Some(code), Some(code)));
+            let said = |o: &std::process::Output| {
+                String::from_utf8_lossy(&o.stdout).contains("provisioning already ran")
+            };
+            assert!(said(&a) != said(&b), "exactly one reports the other");
+        }
     }
 
     /// shellcheck as dash (what AWS-RunShellScript runs) finds nothing in the
