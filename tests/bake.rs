@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::support::cli::{kiln_command, Project, Run, EXIT_BAD_INPUT, EXIT_FAILED};
 use crate::support::moto::{self, TRUSTY_NEWEST};
-use crate::support::proxy::{form, replace_all, Proxy};
+use crate::support::proxy::{form, replace_all, Fault, Proxy};
 
 const COPY_REGION: &str = "eu-west-1";
 
@@ -446,6 +446,106 @@ fn first_bake_creates_one_fully_tagged_ami_per_region_and_leaves_no_temporaries(
         "at most 2 calls per region\n{}",
         hit.summary()
     );
+}
+
+/// Every call that creates or removes something, answered to nobody: the
+/// call runs in AWS, its answer is lost, and the SDK sends it again. The bake
+/// still ends as a clean one does: one ready AMI per region (CreateImage and
+/// CopyImage not doubled), one version, no builder, boot-test instance or
+/// security group left, though moto honours no client token and made a second
+/// builder, boot-test instance and copy.
+#[test]
+fn lost_answers_to_creating_calls_leave_one_image_per_region_and_nothing_behind() {
+    let _moto = Dedicated::start();
+    let env = setup();
+    let image = moto::unique("web");
+    let p = project(&env, &image, "");
+    let proxy = Proxy::start(&endpoint());
+    let lost = [
+        "ec2:CreateSecurityGroup",
+        "ec2:RunInstances",
+        "ssm:SendCommand",
+        "ssm:PutParameter",
+        "ec2:CreateImage",
+        "ec2:RunInstances",
+        "ssm:SendCommand",
+        "ec2:CopyImage",
+        "ec2:CreateTags",
+        "ec2:TerminateInstances",
+        "ec2:DeleteSecurityGroup",
+    ];
+    for op in lost {
+        proxy.inject(op, Fault::LoseResponse);
+    }
+    let run = p.kiln(
+        &proxy.endpoint(),
+        &[
+            "--region",
+            moto::REGION,
+            "--region",
+            COPY_REGION,
+            "--output",
+            "json",
+            "bake",
+            &image,
+        ],
+    );
+    run.expect_ok();
+    assert_eq!(
+        proxy.pending_injections(),
+        0,
+        "every answer was lost once\n{}",
+        proxy.summary()
+    );
+    assert_eq!(
+        proxy.faulted(Fault::LoseResponse),
+        lost.len(),
+        "{}",
+        proxy.summary()
+    );
+    let out = json(&run);
+    assert_eq!(out["version"], 1, "{run}");
+    for region in [moto::REGION, COPY_REGION] {
+        let found = amis(region, &image);
+        assert_eq!(found.len(), 1, "one AMI in {region}: {found:?}\n{run}");
+        let (id, (tags, _)) = found.into_iter().next().unwrap();
+        assert_eq!(out["regions"][region], id.as_str(), "{run}");
+        assert_eq!(
+            tags.get("kiln:state").map(String::as_str),
+            Some("ready"),
+            "{tags:?}"
+        );
+    }
+    let all = instances(&image);
+    assert!(
+        all.iter().all(|(_, state, _, _)| state == "terminated"),
+        "nothing left running: {all:?}"
+    );
+    assert!(all.len() >= 2, "{all:?}");
+    assert_eq!(
+        groups(&image),
+        Vec::<String>::new(),
+        "no security group left"
+    );
+
+    // The same inputs find that image, with no mutating call.
+    let clean = Proxy::start(&endpoint());
+    let again = p.kiln(
+        &clean.endpoint(),
+        &[
+            "--region",
+            moto::REGION,
+            "--region",
+            COPY_REGION,
+            "--output",
+            "json",
+            "bake",
+            &image,
+        ],
+    );
+    again.expect_ok();
+    assert_eq!(json(&again)["regions"], out["regions"], "{again}");
+    assert_eq!(clean.mutating_calls(), 0, "{}", clean.summary());
 }
 
 #[test]

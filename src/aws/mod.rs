@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+pub mod attempts;
 pub mod fleet;
 mod http;
 pub mod journal;

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_ec2::client::Waiters;
 use aws_sdk_ec2::types::{
-    HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataEndpointState,
+    Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataEndpointState,
     InstanceMetadataOptionsRequest, InstanceType, ResourceType, Tag, TagSpecification,
 };
 use aws_sdk_ssm::types::CommandInvocationStatus;
@@ -39,6 +39,7 @@ use serde::Serialize;
 pub use error::{BakeError, CommandFailure};
 use plan::{Copy, Home, ImageProgress, OnFailure};
 
+use crate::aws::attempts::Attempts;
 use crate::aws::{Aws, AwsError};
 use crate::recipe::{ArtifactSource, Prepared};
 use crate::registry::{self, tags, Ami, Lookup};
@@ -556,8 +557,9 @@ async fn pipeline(
                 let home_ami = home_ami.clone();
                 let home = home.clone();
                 let step = &step;
+                let run_id = run_id.as_str();
                 async move {
-                    let r = copy_one(&aws, &home, &home_ami, c, settings, req).await;
+                    let r = copy_one(&aws, &home, &home_ami, c, settings, req, run_id).await;
                     match &r {
                         Ok(id) => step.update(format!("{region}: {id}")),
                         Err(e) => step.update(format!("{region}: {e}")),
@@ -1015,12 +1017,44 @@ async fn ensure_security_group(
             &temp_tags("builder-sg", name.clone()),
         ))
         .send()
-        .await
-        .map_err(|e| AwsError::call("ec2", "CreateSecurityGroup", aws.region(), e))?;
-    let id = out.group_id().unwrap_or_default().to_string();
+        .await;
+    let id = match out {
+        Ok(out) => out.group_id().unwrap_or_default().to_string(),
+        // The name is this run's own, so a group by that name was made by an
+        // attempt whose answer was lost (the retry then sees
+        // `InvalidGroup.Duplicate`, or the last attempt's answer was lost too):
+        // it is ours to use and to remove.
+        Err(e) => match group_named(aws, &launch.vpc, &name).await {
+            Ok(Some(id)) => {
+                ui.note(format!(
+                    "CreateSecurityGroup answered {}; {name} exists ({id}): using it",
+                    e.code().unwrap_or("without an answer")
+                ));
+                id
+            }
+            _ => return Err(AwsError::call("ec2", "CreateSecurityGroup", aws.region(), e).into()),
+        },
+    };
     lock(temps).security_group = Some(id.clone());
     step.done(&id);
     Ok(id)
+}
+
+/// The id of the security group called `name` in `vpc`, if there is one.
+async fn group_named(aws: &Aws, vpc: &str, name: &str) -> Result<Option<String>, AwsError> {
+    let out = aws
+        .ec2()
+        .describe_security_groups()
+        .filters(Filter::builder().name("group-name").values(name).build())
+        .filters(Filter::builder().name("vpc-id").values(vpc).build())
+        .send()
+        .await
+        .map_err(|e| AwsError::call("ec2", "DescribeSecurityGroups", aws.region(), e))?;
+    Ok(out
+        .security_groups()
+        .iter()
+        .find_map(|g| g.group_id())
+        .map(str::to_string))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1070,7 +1104,39 @@ async fn launch_instance(
     if let Some(u) = user_data {
         call = call.user_data(aws_smithy_types::base64::encode(u.as_bytes()));
     }
-    let out = call.send().await.map_err(|e| {
+    let value = |key: &str| {
+        tags.iter()
+            .find(|t| t.key() == Some(key))
+            .and_then(|t| t.value())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (run_id, role) = (value(tags::RUN_ID), value(tags::ROLE));
+    // One launch per role and run: EC2 answers a retry whose first attempt ran
+    // with that attempt's instance instead of starting a second one.
+    let attempts = Attempts::new();
+    let out = call
+        .client_token(format!("kiln-{run_id}-{role}"))
+        .customize()
+        .interceptor(attempts.clone())
+        .send()
+        .await;
+    let launched = out.as_ref().ok().and_then(|o| {
+        o.instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .map(str::to_string)
+    });
+    if let Some(id) = &launched {
+        lock(temps).instances.push(id.clone());
+    }
+    if attempts.retried() || out.is_err() {
+        // An attempt whose answer was lost may have started an instance the
+        // token did not deduplicate (moto honours no token): find this run's
+        // instances of this role, keep the one answered, terminate the rest.
+        sweep_launches(aws, &run_id, &role, launched.as_deref(), temps).await;
+    }
+    out.map_err(|e| {
         let code = e.code().map(str::to_string);
         // A profile IAM has but EC2 cannot see yet (eventual consistency) or a
         // profile deleted since the check.
@@ -1082,14 +1148,65 @@ async fn launch_instance(
             AwsError::call("ec2", "RunInstances", aws.region(), e).into()
         }
     })?;
-    let id = out
-        .instances()
-        .first()
-        .and_then(|i| i.instance_id())
-        .unwrap_or_default()
-        .to_string();
-    lock(temps).instances.push(id.clone());
-    Ok(id)
+    Ok(launched.unwrap_or_default())
+}
+
+/// After a retried or failed RunInstances: every live instance tagged with this
+/// run and role is recorded for cleanup, and all but `keep` are terminated now
+/// rather than when the bake ends. Best effort: what this misses (EC2's
+/// eventual consistency can hide an instance for a few seconds) carries the
+/// run's expiry tag, and `kiln gc` removes it.
+async fn sweep_launches(aws: &Aws, run_id: &str, role: &str, keep: Option<&str>, temps: &Shared) {
+    let found = aws
+        .ec2()
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::RUN_ID))
+                .values(run_id)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::ROLE))
+                .values(role)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .set_values(Some(
+                    ["pending", "running", "stopping", "stopped"]
+                        .map(String::from)
+                        .to_vec(),
+                ))
+                .build(),
+        )
+        .send()
+        .await;
+    let Ok(found) = found else {
+        return;
+    };
+    let extra: Vec<String> = found
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id())
+        .filter(|id| Some(*id) != keep)
+        .map(str::to_string)
+        .collect();
+    if extra.is_empty() {
+        return;
+    }
+    lock(temps).instances.extend(extra.iter().cloned());
+    if keep.is_some() {
+        let _ = aws
+            .ec2()
+            .terminate_instances()
+            .set_instance_ids(Some(extra))
+            .send()
+            .await;
+    }
 }
 
 /// A command's end state.
@@ -1299,22 +1416,89 @@ async fn create_image(
         "{} (kiln {image} v{version}, sha256:{})",
         req.prepared.recipe.file.description, req.hash
     );
+    let name = ami_name(image, version, &req.hash);
+    let attempts = Attempts::new();
     let out = aws
         .ec2()
         .create_image()
         .instance_id(builder)
-        .name(ami_name(image, version, &req.hash))
+        .name(&name)
         .description(desc.chars().take(255).collect::<String>())
         .tag_specifications(spec(
             ResourceType::Image,
             &image_tags(req, version, run_id, tags::STATE_TESTING),
         ))
+        .customize()
+        .interceptor(attempts.clone())
         .send()
-        .await
-        .map_err(|e| AwsError::call("ec2", "CreateImage", aws.region(), e))?;
-    let ami = out.image_id().unwrap_or_default().to_string();
+        .await;
+    let answered = out
+        .as_ref()
+        .ok()
+        .and_then(|o| o.image_id())
+        .map(str::to_string);
+    let ami = if attempts.retried() || out.is_err() {
+        // CreateImage has no client token. When an attempt's answer was lost,
+        // the retry either made a second image (moto) or was refused with
+        // `InvalidAMIName.Duplicate` (AWS). The images of this name tagged with
+        // this run are all this run's: keep the one answered (or the first
+        // made), remove the others now.
+        let ours = images_of_run(aws, &name, run_id).await.unwrap_or_default();
+        let Some(keep) = answered.or_else(|| ours.first().map(|(id, _)| id.clone())) else {
+            return Err(
+                AwsError::call("ec2", "CreateImage", aws.region(), out.unwrap_err()).into(),
+            );
+        };
+        for (id, snapshots) in ours.iter().filter(|(id, _)| *id != keep) {
+            if let Err(e) = remove_image(aws, id, snapshots).await {
+                tracing::warn!("removing duplicate image {id}: {e}");
+            }
+        }
+        keep
+    } else {
+        answered.unwrap_or_default()
+    };
     lock(temps).image = Some((ami.clone(), ImageProgress::Pending, Vec::new()));
     Ok(ami)
+}
+
+/// This run's images called `name` (id, snapshots), oldest first.
+async fn images_of_run(
+    aws: &Aws,
+    name: &str,
+    run_id: &str,
+) -> Result<Vec<(String, Vec<String>)>, AwsError> {
+    let out = aws
+        .ec2()
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name("name").values(name).build())
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{}", tags::RUN_ID))
+                .values(run_id)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| AwsError::call("ec2", "DescribeImages", aws.region(), e))?;
+    let mut images: Vec<_> = out
+        .images()
+        .iter()
+        .filter_map(|i| {
+            let id = i.image_id()?.to_string();
+            Some((
+                i.creation_date().unwrap_or_default().to_string(),
+                id,
+                registry::snapshots_of(i),
+            ))
+        })
+        .collect();
+    images.sort();
+    Ok(images
+        .into_iter()
+        .map(|(_, id, snaps)| (id, snaps))
+        .collect())
 }
 
 /// Waits with the SDK's waiter; returns the image's snapshots. A timeout is an
@@ -1495,6 +1679,7 @@ async fn copy_one(
     c: Copy,
     s: &Settings,
     req: &Request<'_>,
+    this_run: &str,
 ) -> Result<String, BakeError> {
     let version = source.version.unwrap_or(0);
     let run_id = source.run_id.clone();
@@ -1504,22 +1689,39 @@ async fn copy_one(
         Copy::Reuse(a) => return Ok(a.id),
         Copy::Wait(a) => a.id,
         Copy::Create => {
+            let name = ami_name(&req.prepared.recipe.name, version, &req.hash);
+            let attempts = Attempts::new();
             let out = aws
                 .ec2()
                 .copy_image()
                 .source_region(home)
                 .source_image_id(&source.id)
-                .name(ami_name(&req.prepared.recipe.name, version, &req.hash))
+                .name(&name)
                 .description(format!(
                     "kiln {} v{version}, sha256:{} (copy of {home}/{})",
                     req.prepared.recipe.name, req.hash, source.id
                 ))
                 .tag_specifications(spec(ResourceType::Image, &want))
                 .tag_specifications(spec(ResourceType::Snapshot, &want))
+                // One copy per bake run and region: EC2 answers a retry whose
+                // first attempt ran with that attempt's image.
+                .client_token(format!("kiln-{this_run}-{}", source.id))
+                .customize()
+                .interceptor(attempts.clone())
                 .send()
                 .await
                 .map_err(|e| AwsError::call("ec2", "CopyImage", aws.region(), e))?;
-            out.image_id().unwrap_or_default().to_string()
+            let id = out.image_id().unwrap_or_default().to_string();
+            if attempts.retried() {
+                // moto honours no token: remove copies a lost answer left.
+                let ours = images_of_run(aws, &name, &run_id).await.unwrap_or_default();
+                for (other, snapshots) in ours.iter().filter(|(other, _)| *other != id) {
+                    if let Err(e) = remove_image(aws, other, snapshots).await {
+                        tracing::warn!("removing duplicate copy {other}: {e}");
+                    }
+                }
+            }
+            id
         }
     };
     let region = aws.region().to_string();
@@ -1639,19 +1841,23 @@ pub(crate) async fn remove_image(
     snapshots: &[String],
 ) -> Result<(), AwsError> {
     let region = aws.region();
-    aws.ec2()
-        .deregister_image()
-        .image_id(ami)
-        .send()
-        .await
-        .map_err(|e| AwsError::call("ec2", "DeregisterImage", region, e))?;
+    // "Not found" is done: a retry whose first attempt's answer was lost, or
+    // a removal made by someone else in between.
+    match aws.ec2().deregister_image().image_id(ami).send().await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.code(),
+                Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")
+            ) => {}
+        Err(e) => return Err(AwsError::call("ec2", "DeregisterImage", region, e)),
+    }
     for s in snapshots {
-        aws.ec2()
-            .delete_snapshot()
-            .snapshot_id(s)
-            .send()
-            .await
-            .map_err(|e| AwsError::call("ec2", "DeleteSnapshot", region, e))?;
+        match aws.ec2().delete_snapshot().snapshot_id(s).send().await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("InvalidSnapshot.NotFound") => {}
+            Err(e) => return Err(AwsError::call("ec2", "DeleteSnapshot", region, e)),
+        }
     }
     Ok(())
 }
