@@ -557,9 +557,11 @@ fn unchanged_inputs_reuse_the_ami_with_no_mutating_call_and_one_changed_byte_bak
     let first = bake(&p, &counted.endpoint(), &image, &[]);
     first.expect_ok();
     let first = json(&first);
-    // Packer's amazon-ebs builder makes 21 calls against moto for a bake.
+    // Packer 1.6.6's amazon-ebs builder makes 19 calls against moto for a bake
+    // (BENCHMARKS.md; the issue quotes 21 for its version), with the artifact
+    // already in place: the first bake of a jar also uploads it, not counted.
     assert!(
-        counted.total_calls() < 21,
+        counted.total_calls() - counted.count("s3:PutObject") < 19,
         "a full one-region bake takes fewer calls than Packer\n{}",
         counted.summary()
     );
