@@ -1544,3 +1544,50 @@ fn abort_after_a_kill_before_the_journal_was_written_releases_the_lock() {
     assert!(r.stderr.contains("is being rolled by"), "{r}");
     assert!(lock_held(&g), "a live holder keeps its lock");
 }
+
+// ---------------------------------------------------------------------------
+// Lost responses: the call worked, its answer never came, the SDK retried it
+// ---------------------------------------------------------------------------
+
+/// A rollout of a fresh group through a proxy given the faults `inject` scripts.
+/// Every scripted fault must have been used; returns the group, the proxy and the run.
+fn rollout_through(inject: impl FnOnce(&Proxy)) -> (Group, Proxy, Run) {
+    let g = rollout::setup();
+    let proxy = Proxy::start(moto::endpoint());
+    inject(&proxy);
+    let v2 = format!("{}@2", g.image);
+    let run = Project::new().kiln(&proxy.endpoint(), &rollout::rollout_args(&g, &v2, &[]));
+    assert_eq!(
+        proxy.pending_injections(),
+        0,
+        "a scripted fault was not used\n{}",
+        proxy.summary()
+    );
+    (g, proxy, run)
+}
+
+/// The run succeeded and left the group as a fault-free rollout does.
+fn assert_rolled(g: &Group, run: &Run, proxy: &Proxy) {
+    assert_eq!(run.code, Some(0), "{run}\n{}", proxy.summary());
+    let mut out = Outcome::default();
+    check_rolled(g, Some(&g.ami2), &mut out);
+    assert!(
+        out.lost.is_empty() && out.leaked.is_empty(),
+        "{out:?}\n{run}"
+    );
+}
+
+/// Lost-response trial, seed 1 (runs 4, 6, 11, 13, 14, 17): the SDK's retry of a
+/// terminate that had worked failed (moto: HTTP 500; AWS: ValidationError), and
+/// the rollout stopped with exit 1, processes suspended and capacity raised.
+#[test]
+fn a_terminate_whose_answer_was_lost_counts_as_done() {
+    use crate::support::proxy::Fault;
+    let (g, proxy, run) = rollout_through(|p| {
+        p.inject(
+            "autoscaling:TerminateInstanceInAutoScalingGroup",
+            Fault::LoseResponse,
+        )
+    });
+    assert_rolled(&g, &run, &proxy);
+}
