@@ -1591,3 +1591,18 @@ fn a_terminate_whose_answer_was_lost_counts_as_done() {
     });
     assert_rolled(&g, &run, &proxy);
 }
+
+/// Lost-response trial, seed 1 (runs 9, 16, 18, 19): the retry of a deregister
+/// that had worked was refused with InvalidTarget, and the rollout stopped with
+/// exit 1 and 8 instances running.
+#[test]
+fn a_deregister_whose_answer_was_lost_counts_as_done() {
+    use crate::support::proxy::Fault;
+    let (g, proxy, run) = rollout_through(|p| {
+        p.inject(
+            "elasticloadbalancing:DeregisterTargets",
+            Fault::LoseResponse,
+        )
+    });
+    assert_rolled(&g, &run, &proxy);
+}

@@ -20,6 +20,10 @@ use crate::rollout::model::{
 };
 use crate::rollout::{Result, RolloutError};
 
+/// ELBv2's answer to deregistering a target that is not registered in the group
+/// (or no longer exists).
+const NOT_REGISTERED: &str = "InvalidTarget";
+
 /// DescribeInstances takes at most 1000 ids per call.
 const DESCRIBE_BATCH: usize = 1000;
 
@@ -204,6 +208,28 @@ impl AwsFleet {
             }
         }
         Ok(out)
+    }
+
+    async fn deregister_targets(
+        &self,
+        tg: &str,
+        targets: &[TargetDescription],
+    ) -> std::result::Result<(), AwsError> {
+        self.elb
+            .deregister_targets()
+            .target_group_arn(tg)
+            .set_targets(Some(targets.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                AwsError::call(
+                    "elasticloadbalancing",
+                    "DeregisterTargets",
+                    self.region(),
+                    e,
+                )
+            })
     }
 
     /// After a failed TerminateInstanceInAutoScalingGroup of `id`: whether the
@@ -643,21 +669,24 @@ impl Fleet for AwsFleet {
         }
         let targets = target_descriptions(instances);
         for tg in target_groups {
-            self.elb
-                .deregister_targets()
-                .target_group_arn(tg)
-                .set_targets(Some(targets.clone()))
-                .send()
-                .await
-                .map_err(|e| {
-                    AwsError::call(
-                        "elasticloadbalancing",
-                        "DeregisterTargets",
-                        self.region(),
-                        e,
-                    )
-                })
-                .map_err(|e| fleet_err(tg, "DeregisterTargets", e))?;
+            match self.deregister_targets(tg, &targets).await {
+                Err(e) if e.code() == Some(NOT_REGISTERED) => {
+                    // Some are not registered (any more): a retry of a call whose
+                    // answer was lost, or a repeat after a crash. The whole call is
+                    // refused (moto after deregistering the ones before the first
+                    // unknown), so deregister one by one; not registered is done.
+                    for t in &targets {
+                        match self.deregister_targets(tg, std::slice::from_ref(t)).await {
+                            Err(e) if e.code() != Some(NOT_REGISTERED) => {
+                                return Err(fleet_err(tg, "DeregisterTargets", e))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => return Err(fleet_err(tg, "DeregisterTargets", e)),
+                Ok(()) => {}
+            }
         }
         Ok(())
     }
