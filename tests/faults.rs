@@ -1606,3 +1606,22 @@ fn a_deregister_whose_answer_was_lost_counts_as_done() {
     });
     assert_rolled(&g, &run, &proxy);
 }
+
+/// Lost-response trial, seed 1 (run 15): the journal is created without
+/// overwrite; the SDK's retry of a create that had worked got
+/// ParameterAlreadyExists, and kiln stopped saying its own lock had been taken
+/// over ("taken over by <itself>"). The lock is created the same way.
+#[test]
+fn lock_and_journal_writes_whose_answers_were_lost_are_recognised_as_ours() {
+    use crate::support::proxy::Fault;
+    let (g, proxy, run) = rollout_through(|p| {
+        p.inject_when("ssm:PutParameter", "/lock\"", Fault::LoseResponse);
+        p.inject_when("ssm:PutParameter", "/journal\"", Fault::LoseResponse);
+    });
+    assert_rolled(&g, &run, &proxy);
+    let hist = Project::new().kiln(moto::endpoint(), &["history", &g.asg, "--output", "json"]);
+    let h: serde_json::Value = serde_json::from_str(&hist.stdout).expect("history JSON");
+    let rollouts = h["rollouts"].as_array().expect("rollouts");
+    assert_eq!(rollouts.len(), 1, "{hist}");
+    assert_eq!(rollouts[0]["outcome"], "Succeeded", "{hist}");
+}
