@@ -757,6 +757,11 @@ fn smoke_latency_one_bake_and_one_rollout() {
 }
 
 #[test]
+fn smoke_lost_responses_one_rollout() {
+    api_fault_rollouts(ApiFault::LostResponse, 1);
+}
+
+#[test]
 fn smoke_sigkill_two_bakes_and_two_rollouts() {
     crash_bakes(2);
     crash_rollouts(2);
@@ -1624,4 +1629,63 @@ fn lock_and_journal_writes_whose_answers_were_lost_are_recognised_as_ours() {
     let rollouts = h["rollouts"].as_array().expect("rollouts");
     assert_eq!(rollouts.len(), 1, "{hist}");
     assert_eq!(rollouts[0]["outcome"], "Succeeded", "{hist}");
+}
+
+/// `ClientToken=…` of an EC2 query request.
+fn client_token(body: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ClientToken="))
+        .map(str::to_string)
+}
+
+/// A retried CreateLaunchTemplateVersion must carry the token of the first
+/// attempt: AWS then returns the version that attempt made instead of making a
+/// second one. (moto ignores the token and makes another version, which the
+/// rollout then uses; the end state is the same.)
+#[test]
+fn a_launch_template_version_create_is_retried_with_the_same_client_token() {
+    use crate::support::proxy::Fault;
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let seen = tokens.clone();
+    let (g, proxy, run) = rollout_through(|p| {
+        p.rewrite_exchange("ec2:CreateLaunchTemplateVersion", move |request, answer| {
+            seen.lock().unwrap().push(client_token(request));
+            answer.to_vec()
+        });
+        p.inject("ec2:CreateLaunchTemplateVersion", Fault::LoseResponse);
+    });
+    assert_rolled(&g, &run, &proxy);
+    let tokens = tokens.lock().unwrap().clone();
+    assert_eq!(tokens.len(), 2, "the lost create and its retry: {tokens:?}");
+    assert!(tokens[0].is_some(), "a ClientToken is set: {tokens:?}");
+    assert_eq!(tokens[0], tokens[1], "the retry reuses the token");
+}
+
+/// A call that really fails mid-rollout (every attempt of a terminate answered
+/// with HTTP 500) stops kiln with exit 1, leaving the journal in SSM; the same
+/// command again resumes and finishes, as after a kill.
+#[test]
+fn a_rollout_stopped_by_a_failing_call_finishes_when_run_again() {
+    use crate::support::proxy::Fault;
+    let (g, proxy, run) = rollout_through(|p| {
+        for _ in 0..kiln::aws::MAX_ATTEMPTS {
+            p.inject(
+                "autoscaling:TerminateInstanceInAutoScalingGroup",
+                Fault::ServerError,
+            );
+        }
+    });
+    assert_eq!(run.code, Some(1), "{run}\n{}", proxy.summary());
+    assert!(
+        run.stderr.contains("TerminateInstanceInAutoScalingGroup"),
+        "{run}"
+    );
+    let status = Project::new().kiln(moto::endpoint(), &["status", &g.asg, "--output", "json"]);
+    let s: serde_json::Value = serde_json::from_str(&status.stdout).expect("status JSON");
+    assert_eq!(s["rollout"]["phase"], "Rolling", "{status}");
+
+    let v2 = format!("{}@2", g.image);
+    let again = Project::new().kiln(&proxy.endpoint(), &rollout::rollout_args(&g, &v2, &[]));
+    assert_rolled(&g, &again, &proxy);
 }
