@@ -757,6 +757,11 @@ fn smoke_latency_one_bake_and_one_rollout() {
 }
 
 #[test]
+fn smoke_lost_responses_one_rollout() {
+    api_fault_rollouts(ApiFault::LostResponse, 1);
+}
+
+#[test]
 fn smoke_sigkill_two_bakes_and_two_rollouts() {
     crash_bakes(2);
     crash_rollouts(2);
@@ -1543,4 +1548,144 @@ fn abort_after_a_kill_before_the_journal_was_written_releases_the_lock() {
     r.expect_code(2);
     assert!(r.stderr.contains("is being rolled by"), "{r}");
     assert!(lock_held(&g), "a live holder keeps its lock");
+}
+
+// ---------------------------------------------------------------------------
+// Lost responses: the call worked, its answer never came, the SDK retried it
+// ---------------------------------------------------------------------------
+
+/// A rollout of a fresh group through a proxy given the faults `inject` scripts.
+/// Every scripted fault must have been used; returns the group, the proxy and the run.
+fn rollout_through(inject: impl FnOnce(&Proxy)) -> (Group, Proxy, Run) {
+    let g = rollout::setup();
+    let proxy = Proxy::start(moto::endpoint());
+    inject(&proxy);
+    let v2 = format!("{}@2", g.image);
+    let run = Project::new().kiln(&proxy.endpoint(), &rollout::rollout_args(&g, &v2, &[]));
+    assert_eq!(
+        proxy.pending_injections(),
+        0,
+        "a scripted fault was not used\n{}",
+        proxy.summary()
+    );
+    (g, proxy, run)
+}
+
+/// The run succeeded and left the group as a fault-free rollout does.
+fn assert_rolled(g: &Group, run: &Run, proxy: &Proxy) {
+    assert_eq!(run.code, Some(0), "{run}\n{}", proxy.summary());
+    let mut out = Outcome::default();
+    check_rolled(g, Some(&g.ami2), &mut out);
+    assert!(
+        out.lost.is_empty() && out.leaked.is_empty(),
+        "{out:?}\n{run}"
+    );
+}
+
+/// Lost-response trial, seed 1 (runs 4, 6, 11, 13, 14, 17): the SDK's retry of a
+/// terminate that had worked failed (moto: HTTP 500; AWS: ValidationError), and
+/// the rollout stopped with exit 1, processes suspended and capacity raised.
+#[test]
+fn a_terminate_whose_answer_was_lost_counts_as_done() {
+    use crate::support::proxy::Fault;
+    let (g, proxy, run) = rollout_through(|p| {
+        p.inject(
+            "autoscaling:TerminateInstanceInAutoScalingGroup",
+            Fault::LoseResponse,
+        )
+    });
+    assert_rolled(&g, &run, &proxy);
+}
+
+/// Lost-response trial, seed 1 (runs 9, 16, 18, 19): the retry of a deregister
+/// that had worked was refused with InvalidTarget, and the rollout stopped with
+/// exit 1 and 8 instances running.
+#[test]
+fn a_deregister_whose_answer_was_lost_counts_as_done() {
+    use crate::support::proxy::Fault;
+    let (g, proxy, run) = rollout_through(|p| {
+        p.inject(
+            "elasticloadbalancing:DeregisterTargets",
+            Fault::LoseResponse,
+        )
+    });
+    assert_rolled(&g, &run, &proxy);
+}
+
+/// Lost-response trial, seed 1 (run 15): the journal is created without
+/// overwrite; the SDK's retry of a create that had worked got
+/// ParameterAlreadyExists, and kiln stopped saying its own lock had been taken
+/// over ("taken over by <itself>"). The lock is created the same way.
+#[test]
+fn lock_and_journal_writes_whose_answers_were_lost_are_recognised_as_ours() {
+    use crate::support::proxy::Fault;
+    let (g, proxy, run) = rollout_through(|p| {
+        p.inject_when("ssm:PutParameter", "/lock\"", Fault::LoseResponse);
+        p.inject_when("ssm:PutParameter", "/journal\"", Fault::LoseResponse);
+    });
+    assert_rolled(&g, &run, &proxy);
+    let hist = Project::new().kiln(moto::endpoint(), &["history", &g.asg, "--output", "json"]);
+    let h: serde_json::Value = serde_json::from_str(&hist.stdout).expect("history JSON");
+    let rollouts = h["rollouts"].as_array().expect("rollouts");
+    assert_eq!(rollouts.len(), 1, "{hist}");
+    assert_eq!(rollouts[0]["outcome"], "Succeeded", "{hist}");
+}
+
+/// `ClientToken=…` of an EC2 query request.
+fn client_token(body: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ClientToken="))
+        .map(str::to_string)
+}
+
+/// A retried CreateLaunchTemplateVersion must carry the token of the first
+/// attempt: AWS then returns the version that attempt made instead of making a
+/// second one. (moto ignores the token and makes another version, which the
+/// rollout then uses; the end state is the same.)
+#[test]
+fn a_launch_template_version_create_is_retried_with_the_same_client_token() {
+    use crate::support::proxy::Fault;
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let seen = tokens.clone();
+    let (g, proxy, run) = rollout_through(|p| {
+        p.rewrite_exchange("ec2:CreateLaunchTemplateVersion", move |request, answer| {
+            seen.lock().unwrap().push(client_token(request));
+            answer.to_vec()
+        });
+        p.inject("ec2:CreateLaunchTemplateVersion", Fault::LoseResponse);
+    });
+    assert_rolled(&g, &run, &proxy);
+    let tokens = tokens.lock().unwrap().clone();
+    assert_eq!(tokens.len(), 2, "the lost create and its retry: {tokens:?}");
+    assert!(tokens[0].is_some(), "a ClientToken is set: {tokens:?}");
+    assert_eq!(tokens[0], tokens[1], "the retry reuses the token");
+}
+
+/// A call that really fails mid-rollout (every attempt of a terminate answered
+/// with HTTP 500) stops kiln with exit 1, leaving the journal in SSM; the same
+/// command again resumes and finishes, as after a kill.
+#[test]
+fn a_rollout_stopped_by_a_failing_call_finishes_when_run_again() {
+    use crate::support::proxy::Fault;
+    let (g, proxy, run) = rollout_through(|p| {
+        for _ in 0..kiln::aws::MAX_ATTEMPTS {
+            p.inject(
+                "autoscaling:TerminateInstanceInAutoScalingGroup",
+                Fault::ServerError,
+            );
+        }
+    });
+    assert_eq!(run.code, Some(1), "{run}\n{}", proxy.summary());
+    assert!(
+        run.stderr.contains("TerminateInstanceInAutoScalingGroup"),
+        "{run}"
+    );
+    let status = Project::new().kiln(moto::endpoint(), &["status", &g.asg, "--output", "json"]);
+    let s: serde_json::Value = serde_json::from_str(&status.stdout).expect("status JSON");
+    assert_eq!(s["rollout"]["phase"], "Rolling", "{status}");
+
+    let v2 = format!("{}@2", g.image);
+    let again = Project::new().kiln(&proxy.endpoint(), &rollout::rollout_args(&g, &v2, &[]));
+    assert_rolled(&g, &again, &proxy);
 }

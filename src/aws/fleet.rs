@@ -20,6 +20,10 @@ use crate::rollout::model::{
 };
 use crate::rollout::{Result, RolloutError};
 
+/// ELBv2's answer to deregistering a target that is not registered in the group
+/// (or no longer exists).
+const NOT_REGISTERED: &str = "InvalidTarget";
+
 /// DescribeInstances takes at most 1000 ids per call.
 const DESCRIBE_BATCH: usize = 1000;
 
@@ -206,6 +210,53 @@ impl AwsFleet {
         Ok(out)
     }
 
+    async fn deregister_targets(
+        &self,
+        tg: &str,
+        targets: &[TargetDescription],
+    ) -> std::result::Result<(), AwsError> {
+        self.elb
+            .deregister_targets()
+            .target_group_arn(tg)
+            .set_targets(Some(targets.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                AwsError::call(
+                    "elasticloadbalancing",
+                    "DeregisterTargets",
+                    self.region(),
+                    e,
+                )
+            })
+    }
+
+    /// After a failed TerminateInstanceInAutoScalingGroup of `id`: whether the
+    /// terminate has happened all the same (see [`is_gone`]). False when that
+    /// cannot be read: the terminate's own error is then the one to report.
+    async fn terminated_or_gone(&self, asg: &str, id: &str) -> bool {
+        match self
+            .asg
+            .describe_auto_scaling_instances()
+            .instance_ids(id)
+            .send()
+            .await
+        {
+            Ok(out) => is_gone(asg, id, out.auto_scaling_instances()),
+            Err(e) => {
+                let e = AwsError::call(
+                    "autoscaling",
+                    "DescribeAutoScalingInstances",
+                    self.region(),
+                    e,
+                );
+                tracing::warn!(asg, instance = id, error = %e, "could not re-read a failed terminate");
+                false
+            }
+        }
+    }
+
     async fn describe_target_health(
         &self,
         asg: &str,
@@ -247,6 +298,20 @@ impl AwsFleet {
                 Some((id, state))
             })
             .collect())
+    }
+}
+
+/// Whether DescribeAutoScalingInstances (`found`) shows the terminate of `id` done:
+/// the instance is terminating or terminated, or out of `asg` altogether.
+fn is_gone(asg: &str, id: &str, found: &[asg_types::AutoScalingInstanceDetails]) -> bool {
+    match found
+        .iter()
+        .find(|i| i.instance_id() == Some(id) && i.auto_scaling_group_name() == Some(asg))
+    {
+        None => true,
+        Some(i) => i
+            .lifecycle_state()
+            .is_some_and(|s| s.starts_with("Terminat")),
     }
 }
 
@@ -604,21 +669,24 @@ impl Fleet for AwsFleet {
         }
         let targets = target_descriptions(instances);
         for tg in target_groups {
-            self.elb
-                .deregister_targets()
-                .target_group_arn(tg)
-                .set_targets(Some(targets.clone()))
-                .send()
-                .await
-                .map_err(|e| {
-                    AwsError::call(
-                        "elasticloadbalancing",
-                        "DeregisterTargets",
-                        self.region(),
-                        e,
-                    )
-                })
-                .map_err(|e| fleet_err(tg, "DeregisterTargets", e))?;
+            match self.deregister_targets(tg, &targets).await {
+                Err(e) if e.code() == Some(NOT_REGISTERED) => {
+                    // Some are not registered (any more): a retry of a call whose
+                    // answer was lost, or a repeat after a crash. The whole call is
+                    // refused (moto after deregistering the ones before the first
+                    // unknown), so deregister one by one; not registered is done.
+                    for t in &targets {
+                        match self.deregister_targets(tg, std::slice::from_ref(t)).await {
+                            Err(e) if e.code() != Some(NOT_REGISTERED) => {
+                                return Err(fleet_err(tg, "DeregisterTargets", e))
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => return Err(fleet_err(tg, "DeregisterTargets", e)),
+                Ok(()) => {}
+            }
         }
         Ok(())
     }
@@ -664,11 +732,11 @@ impl Fleet for AwsFleet {
                     self.region(),
                     e,
                 );
-                // Already terminating or gone (a repeat after a crash): done.
-                let msg = e.to_string().to_ascii_lowercase();
-                if e.code() == Some("ValidationError")
-                    && (msg.contains("not found") || msg.contains("terminat"))
-                {
+                // The call may have worked even though it failed: a repeat after a
+                // crash, or a retry by the SDK of a call whose answer was lost, finds
+                // the instance already terminating or gone (AWS: ValidationError;
+                // moto: HTTP 500). Ask the group rather than read the error.
+                if self.terminated_or_gone(asg, id).await {
                     continue;
                 }
                 return Err(fleet_err(
@@ -925,6 +993,27 @@ mod tests {
         assert!(ec2_launch_time >= batch_start);
         // And the slack stays small against warm-up and deadline spans.
         assert!(batch_start.0 >= 12_000 - CLOCK_SLACK.as_millis() as u64);
+    }
+
+    #[test]
+    fn a_terminate_counts_as_done_once_the_group_lets_the_instance_go() {
+        let detail = |group: &str, state: &str| {
+            asg_types::AutoScalingInstanceDetails::builder()
+                .instance_id("i-1")
+                .auto_scaling_group_name(group)
+                .lifecycle_state(state)
+                .build()
+        };
+        for state in ["Terminating", "Terminating:Wait", "Terminated"] {
+            assert!(is_gone("web", "i-1", &[detail("web", state)]), "{state}");
+        }
+        // Not in any group, or moved to another one: out of this group.
+        assert!(is_gone("web", "i-1", &[]));
+        assert!(is_gone("web", "i-1", &[detail("other", "InService")]));
+        // Still serving: the terminate really failed.
+        for state in ["InService", "Pending", "Standby"] {
+            assert!(!is_gone("web", "i-1", &[detail("web", state)]), "{state}");
+        }
     }
 
     #[test]

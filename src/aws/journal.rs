@@ -5,7 +5,9 @@
 //! they would show on every instance the group tags. SSM gives:
 //!
 //! * an atomic lock: `PutParameter` without overwrite fails with
-//!   `ParameterAlreadyExists` for everyone but the first;
+//!   `ParameterAlreadyExists` for everyone but the first (also for the first when
+//!   its answer was lost and the SDK retried it: reading the value back tells,
+//!   see `SsmJournal::create`);
 //! * values up to 4 KB (standard) or 8 KB (advanced): parameters are written with
 //!   the `Intelligent-Tiering` tier so SSM moves a journal to advanced only when it
 //!   outgrows 4 KB;
@@ -317,6 +319,21 @@ impl SsmJournal {
         }
     }
 
+    /// Creates `name` holding `value` unless it exists. `Some(version)` when it now
+    /// holds exactly `value`: created by this call, or by an attempt of it whose
+    /// answer was lost and which the SDK retried into `ParameterAlreadyExists`.
+    /// `None` when it holds something else. Only for values no one else writes: a
+    /// lock holder (host, pid, start time) or a journal (rollout id, holder).
+    async fn create(&self, asg: &str, name: &str, value: &str) -> Result<Option<i64>> {
+        if let Some(version) = self.put(asg, name, value, false).await? {
+            return Ok(Some(version));
+        }
+        Ok(match self.get(asg, name).await? {
+            Some((stored, version)) if stored == value => Some(version),
+            _ => None,
+        })
+    }
+
     /// The chunks of `head`, joined; `None` if one is missing (a concurrent save
     /// deleted the generation) or the whole does not match the head's hash.
     async fn read_chunks(&self, asg: &str, head: &ChunkRef) -> Result<Option<String>> {
@@ -531,7 +548,11 @@ impl SsmJournal {
             Some(head) => serde_json::to_string(head).expect("heads serialize"),
             None => json,
         };
-        let version = match self.put(asg, &name, &value, expected.is_some()).await? {
+        let written = match expected {
+            Some(_) => self.put(asg, &name, &value, true).await?,
+            None => self.create(asg, &name, &value).await?,
+        };
+        let version = match written {
             Some(v) => v,
             None => {
                 // Created meanwhile by another kiln: our chunks are garbage.
@@ -619,7 +640,7 @@ impl JournalStore for SsmJournal {
         }
         let Some(current) = self.current_holder(asg).await? else {
             // Released between our attempt and the read: try once more.
-            return match self.put(asg, &name, &json, false).await? {
+            return match self.create(asg, &name, &json).await? {
                 Some(_) => Ok(()),
                 None => Err(jerr(
                     asg,
@@ -627,6 +648,7 @@ impl JournalStore for SsmJournal {
                 )),
             };
         };
+        // Ours: re-acquiring, or the SDK retried our create after its answer was lost.
         if &current == holder {
             return Ok(());
         }

@@ -194,8 +194,9 @@ type RewriteFn = dyn Fn(&[u8], &[u8]) -> Vec<u8> + Send + Sync;
 struct State {
     faults: Faults,
     rng: SplitMix64,
-    /// Faults for the next calls of an operation, used before any random draw.
-    scripted: VecDeque<(String, Fault)>,
+    /// Faults for the next calls of an operation (whose request body contains the
+    /// text, when one is given), used before any random draw.
+    scripted: VecDeque<(String, Option<String>, Fault)>,
     rewrites: Vec<(String, Arc<RewriteFn>)>,
     calls: Vec<Call>,
 }
@@ -209,7 +210,7 @@ struct Decision {
 }
 
 impl State {
-    fn decide(&mut self, op: &Operation) -> Decision {
+    fn decide(&mut self, op: &Operation, body: &[u8]) -> Decision {
         // Always the same number of draws per request, whatever the configuration,
         // so changing one rate does not shift every later decision.
         let fault_draw = self.rng.unit();
@@ -223,9 +224,11 @@ impl State {
         let scripted = self
             .scripted
             .iter()
-            .position(|(pattern, _)| op.matches(pattern))
+            .position(|(pattern, text, _)| {
+                op.matches(pattern) && text.as_deref().is_none_or(|t| contains(body, t.as_bytes()))
+            })
             .and_then(|i| self.scripted.remove(i))
-            .map(|(_, fault)| fault);
+            .map(|(_, _, fault)| fault);
         let fault = scripted.or_else(|| {
             if !f.only.is_empty() && !f.only.iter().any(|p| op.matches(p)) {
                 return None;
@@ -257,6 +260,10 @@ impl State {
             request_id,
         }
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn uuid_like(a: u64, b: u64) -> String {
@@ -372,7 +379,18 @@ impl ProxyHandle {
         self.shared
             .state()
             .scripted
-            .push_back((pattern.to_string(), fault));
+            .push_back((pattern.to_string(), None, fault));
+    }
+
+    /// Like [`ProxyHandle::inject`], for the next call matching `pattern` whose
+    /// request body contains `text`: `inject_when("ssm:PutParameter", "/journal",
+    /// LoseResponse)` hits the journal's write and lets the lock's through.
+    pub fn inject_when(&self, pattern: &str, text: &str, fault: Fault) {
+        self.shared.state().scripted.push_back((
+            pattern.to_string(),
+            Some(text.to_string()),
+            fault,
+        ));
     }
 
     /// Scripted faults not yet used.
@@ -707,7 +725,7 @@ async fn handle(
     };
     let operation = identify(&parts.method, &parts.uri, &parts.headers, &body);
     let mutating = operation.is_mutating(&parts.method);
-    let decision = shared.state().decide(&operation);
+    let decision = shared.state().decide(&operation, &body);
     if !decision.delay.is_zero() {
         tokio::time::sleep(decision.delay).await;
     }
