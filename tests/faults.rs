@@ -757,7 +757,8 @@ fn smoke_latency_one_bake_and_one_rollout() {
 }
 
 #[test]
-fn smoke_lost_responses_one_rollout() {
+fn smoke_lost_responses_one_bake_and_one_rollout() {
+    api_fault_bakes(ApiFault::LostResponse, 1);
     api_fault_rollouts(ApiFault::LostResponse, 1);
 }
 
