@@ -1682,6 +1682,25 @@ fn a_rollout_stopped_by_a_failing_call_finishes_when_run_again() {
         run.stderr.contains("TerminateInstanceInAutoScalingGroup"),
         "{run}"
     );
+    // The operator is told how to continue, above the error line.
+    assert!(
+        run.stderr.contains(&format!(
+            "the rollout of {} stopped before its end; its journal is kept in SSM",
+            g.asg
+        )) && run
+            .stderr
+            .contains(&format!("`kiln abort {}` to roll back", g.asg)),
+        "{run}"
+    );
+    assert!(
+        run.stderr
+            .trim()
+            .lines()
+            .last()
+            .unwrap()
+            .contains("TerminateInstanceInAutoScalingGroup"),
+        "the error is still the last line\n{run}"
+    );
     let status = Project::new().kiln(moto::endpoint(), &["status", &g.asg, "--output", "json"]);
     let s: serde_json::Value = serde_json::from_str(&status.stdout).expect("status JSON");
     assert_eq!(s["rollout"]["phase"], "Rolling", "{status}");

@@ -50,6 +50,7 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     };
     let engine_config = args.lock.engine(&ctx.rollout_config())?;
     let mut progress = Bar::new(ctx, &stored.journal);
+    let how = format!("run `kiln abort {}` again to finish rolling back", args.asg);
     let result = interruptible(
         engine::abort(
             &fleet,
@@ -63,9 +64,10 @@ pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
         &store,
         &args.asg,
         &me,
-        &format!("run `kiln abort {}` again to finish rolling back", args.asg),
+        &how,
     )
     .await;
     progress.clear();
+    super::rollout::note_how_to_continue(ctx, &args.asg, &how, &result);
     finish(ctx, &aws, result?, true).await
 }

@@ -324,18 +324,40 @@ pub async fn drive_to(
     }
     let engine_config = lock.engine(&ctx.rollout_config())?;
     let mut progress = Bar::new(ctx, &stored.journal);
+    let how = format!(
+        "run the same `kiln rollout {asg} …` (or `kiln rollback {asg}`) again to resume, or `kiln abort {asg}` to roll back"
+    );
     let result = interruptible(
         engine::drive(&fleet, &store, stored, &engine_config, &mut progress),
         &store,
         asg,
         &me,
-        &format!(
-            "run the same `kiln rollout {asg} …` (or `kiln rollback {asg}`) again to resume, or `kiln abort {asg}` to roll back"
-        ),
+        &how,
     )
     .await;
     progress.clear();
+    note_how_to_continue(ctx, asg, &how, &result);
     finish(ctx, aws, result?, false).await
+}
+
+/// After an error that stopped the engine before the rollout's end, say how to
+/// continue: the journal is kept, and the operator's next step is a re-run or an
+/// abort. Not after Ctrl-C (its error says so itself) nor when another kiln took
+/// the lock over (that kiln continues).
+pub fn note_how_to_continue(ctx: &Ctx, asg: &str, how: &str, result: &Result<Report>) {
+    let Err(e) = result else {
+        return;
+    };
+    let stopped = match e {
+        Error::Interrupted(_) | Error::Rollout(RolloutError::LockLost { .. }) => false,
+        e => e.exit_code() == crate::error::exit::FAILED,
+    };
+    if stopped {
+        ctx.ui.note(format!(
+            "the rollout of {asg} stopped before its end; its journal is kept in SSM under {}/: {how}",
+            crate::aws::journal::prefix(asg)
+        ));
+    }
 }
 
 /// Run the engine until it ends or Ctrl-C. On Ctrl-C stop acting (the engine's
