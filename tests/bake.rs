@@ -317,15 +317,10 @@ pub(crate) fn bake(p: &Project, endpoint: &str, image: &str, extra: &[&str]) -> 
     p.kiln(endpoint, &args)
 }
 
-#[test]
-fn first_bake_creates_one_fully_tagged_ami_per_region_and_leaves_no_temporaries() {
-    let _moto = Dedicated::start();
-    let env = setup();
-    let image = moto::unique("web");
-    let p = project(&env, &image, "");
-    let proxy = Proxy::start(&endpoint());
-    let run = p.kiln(
-        &proxy.endpoint(),
+/// `kiln --output json bake <image>` in the home region and [`COPY_REGION`].
+fn bake_in_both_regions(p: &Project, endpoint: &str, image: &str) -> Run {
+    p.kiln(
+        endpoint,
         &[
             "--region",
             moto::REGION,
@@ -334,9 +329,19 @@ fn first_bake_creates_one_fully_tagged_ami_per_region_and_leaves_no_temporaries(
             "--output",
             "json",
             "bake",
-            &image,
+            image,
         ],
-    );
+    )
+}
+
+#[test]
+fn first_bake_creates_one_fully_tagged_ami_per_region_and_leaves_no_temporaries() {
+    let _moto = Dedicated::start();
+    let env = setup();
+    let image = moto::unique("web");
+    let p = project(&env, &image, "");
+    let proxy = Proxy::start(&endpoint());
+    let run = bake_in_both_regions(&p, &proxy.endpoint(), &image);
     run.expect_ok();
     let out = json(&run);
     assert_eq!(out["action"], "built", "{run}");
@@ -425,19 +430,7 @@ fn first_bake_creates_one_fully_tagged_ami_per_region_and_leaves_no_temporaries(
 
     // Cache hit in both regions: one base lookup plus one DescribeImages per region.
     let hit = Proxy::start(&endpoint());
-    let again = p.kiln(
-        &hit.endpoint(),
-        &[
-            "--region",
-            moto::REGION,
-            "--region",
-            COPY_REGION,
-            "--output",
-            "json",
-            "bake",
-            &image,
-        ],
-    );
+    let again = bake_in_both_regions(&p, &hit.endpoint(), &image);
     again.expect_ok();
     assert_eq!(json(&again)["regions"], out["regions"], "{again}");
     assert_eq!(hit.mutating_calls(), 0, "{}", hit.summary());
@@ -477,19 +470,7 @@ fn lost_answers_to_creating_calls_leave_one_image_per_region_and_nothing_behind(
     for op in lost {
         proxy.inject(op, Fault::LoseResponse);
     }
-    let run = p.kiln(
-        &proxy.endpoint(),
-        &[
-            "--region",
-            moto::REGION,
-            "--region",
-            COPY_REGION,
-            "--output",
-            "json",
-            "bake",
-            &image,
-        ],
-    );
+    let run = bake_in_both_regions(&p, &proxy.endpoint(), &image);
     run.expect_ok();
     assert_eq!(
         proxy.pending_injections(),
@@ -530,19 +511,7 @@ fn lost_answers_to_creating_calls_leave_one_image_per_region_and_nothing_behind(
 
     // The same inputs find that image, with no mutating call.
     let clean = Proxy::start(&endpoint());
-    let again = p.kiln(
-        &clean.endpoint(),
-        &[
-            "--region",
-            moto::REGION,
-            "--region",
-            COPY_REGION,
-            "--output",
-            "json",
-            "bake",
-            &image,
-        ],
-    );
+    let again = bake_in_both_regions(&p, &clean.endpoint(), &image);
     again.expect_ok();
     assert_eq!(json(&again)["regions"], out["regions"], "{again}");
     assert_eq!(clean.mutating_calls(), 0, "{}", clean.summary());
