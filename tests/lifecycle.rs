@@ -776,6 +776,93 @@ fn play_builder(
     seen
 }
 
+/// S3 in the shared moto, path-style like kiln's.
+fn s3() -> aws_sdk_s3::Client {
+    let conf = crate::bake::rt().block_on(moto::sdk_config(moto::endpoint()));
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&conf)
+            .force_path_style(true)
+            .build(),
+    )
+}
+
+/// Whether `key` is in `bucket`.
+fn object_exists(bucket: &str, key: &str) -> bool {
+    crate::bake::rt()
+        .block_on(s3().head_object().bucket(bucket).key(key).send())
+        .is_ok()
+}
+
+/// A run killed after its builder uploaded the package list, before it claimed
+/// its version, leaves a list no version records. `kiln gc` removes it once it
+/// is older than `[bake] ttl`, and never a list a version records.
+#[test]
+fn gc_removes_package_lists_no_version_records_once_expired() {
+    use crate::bake::{bake, project, setup};
+    let env = setup();
+    let image = moto::unique("web");
+    let p = project(&env, &image, "ttl = \"3s\"\n");
+    let proxy = Proxy::start(moto::endpoint());
+    play_builder(
+        &proxy,
+        std::sync::Arc::new(std::sync::Mutex::new(Some("curl\t7.35.0\n".to_string()))),
+    );
+    let run = bake(&p, &proxy.endpoint(), &image, &[]);
+    run.expect_ok();
+    let out = json(&run);
+    let recorded = out["packages"]["key"].as_str().unwrap().to_string();
+    assert!(object_exists(&env.bucket, &recorded), "{run}");
+    let orphan = format!(
+        "kiln/packages/{image}/{}/killed-run.txt",
+        out["hash"].as_str().unwrap()
+    );
+    crate::bake::rt()
+        .block_on(
+            s3().put_object()
+                .bucket(&env.bucket)
+                .key(&orphan)
+                .body(b"curl\t7.35.0\n".to_vec().into())
+                .send(),
+        )
+        .unwrap();
+
+    let gc = |args: &[&str]| {
+        let mut all = vec!["--output", "json", "gc"];
+        all.extend_from_slice(args);
+        let run = p.kiln(moto::endpoint(), &all);
+        run.expect_ok();
+        let reports = json(&run);
+        let ids = |field: &str| -> Vec<String> {
+            reports[0][field]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["kind"] == "package-list")
+                .map(|t| t["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        (ids("found"), ids("removed"))
+    };
+    // Young: found, not yet expired.
+    assert_eq!(gc(&["--dry-run"]), (vec![orphan.clone()], vec![]));
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(
+        gc(&["--dry-run"]),
+        (vec![orphan.clone()], vec![orphan.clone()])
+    );
+    assert!(
+        object_exists(&env.bucket, &orphan),
+        "a dry run removes nothing"
+    );
+    assert_eq!(gc(&[]), (vec![orphan.clone()], vec![orphan.clone()]));
+    assert!(!object_exists(&env.bucket, &orphan), "the orphan is gone");
+    assert!(
+        object_exists(&env.bucket, &recorded),
+        "the recorded list stays"
+    );
+    assert_eq!(gc(&[]), (vec![], vec![]), "nothing left to find");
+}
+
 /// Three real bakes. The first two builders upload their `dpkg-query -W`
 /// lists (played by the test through the presigned URL kiln put in the
 /// provisioning command): `kiln diff` shows the added, removed and changed

@@ -7,8 +7,11 @@ use crate::Result;
 /// Remove expired temporary resources a killed or crashed bake left behind:
 /// builder and boot-test instances and temporary security groups, found by
 /// their kiln:role tag, removed once their kiln:expires time (set from
-/// `[bake] ttl`, default 3h) has passed. Images are never removed: an
-/// unfinished one is found by hash and completed by the next bake.
+/// `[bake] ttl`, default 3h) has passed; and, in the default region, package
+/// lists in `[bake] bucket` that no version records (a killed run's, or one
+/// whose version a later bake of the same content completed), a ttl after
+/// they were written. Images are never removed: an unfinished one is found by
+/// hash and completed by the next bake.
 ///
 /// Regions: every --region given, else the default region plus kiln.toml's
 /// `[bake] copy_regions`.
@@ -27,12 +30,20 @@ pub struct Args {
 pub async fn run(ctx: &mut Ctx, args: Args) -> Result<()> {
     let aws = ctx.aws().await?;
     let regions = ctx.regions(&aws)?;
+    let bake = ctx.config()?.file.bake.clone();
     let mut reports = Vec::new();
     for r in &regions {
+        // Package lists are looked for where the version claims are: the
+        // home region, with the bake bucket.
+        let lists = bake
+            .bucket
+            .as_deref()
+            .filter(|_| r == aws.region())
+            .map(|b| (b, bake.ttl()));
         let step = ctx
             .ui
             .step(format!("looking for expired kiln temporaries in {r}"));
-        let report = match gc::gc(&aws.in_region(r), args.dry_run).await {
+        let report = match gc::gc(&aws.in_region(r), args.dry_run, lists).await {
             Ok(rep) => rep,
             Err(e) => {
                 step.fail("");

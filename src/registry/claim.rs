@@ -187,6 +187,19 @@ pub async fn claim_version(
 
 /// version → content hash of every claim of `image`.
 pub async fn read_claims(aws: &Aws, image: &str) -> Result<BTreeMap<u64, String>, AwsError> {
+    Ok(read_records(aws, image)
+        .await?
+        .into_iter()
+        .map(|(v, r)| (v, r.map(|r| r.hash).unwrap_or_default()))
+        .collect())
+}
+
+/// version → claim record of every claim of `image` (`None` for a value that
+/// is not a record kiln can read).
+pub async fn read_records(
+    aws: &Aws,
+    image: &str,
+) -> Result<BTreeMap<u64, Option<ClaimRecord>>, AwsError> {
     let prefix = parameter_prefix(image);
     let mut pages = aws
         .ssm()
@@ -207,12 +220,10 @@ pub async fn read_claims(aws: &Aws, image: &str) -> Result<BTreeMap<u64, String>
             else {
                 continue;
             };
-            let hash = p
+            let record = p
                 .value()
-                .and_then(|s| serde_json::from_str::<ClaimRecord>(s).ok())
-                .map(|r| r.hash)
-                .unwrap_or_default();
-            out.insert(v, hash);
+                .and_then(|s| serde_json::from_str::<ClaimRecord>(s).ok());
+            out.insert(v, record);
         }
     }
     Ok(out)
