@@ -47,50 +47,18 @@ pub(crate) fn endpoint() -> String {
         .unwrap_or_else(|| moto::endpoint().to_string())
 }
 
-/// A moto of this test's own, with moto's built-in AMI list, for tests that need
-/// a second region: with `MOTO_AMIS_PATH` (the shared server's custom list)
-/// moto 5 parses the list's creation dates in place when the first region's
-/// EC2 backend loads, and every EC2 call in any later region then answers 500
-/// ("Parser must be a string or character stream, not datetime"). The built-in
-/// list has Canonical's trusty image in every region. Stopped like the shared
-/// server: a watchdog `sh` kills it when its stdin (held here) closes.
+/// A moto of this test's own ([`moto::Dedicated`]: moto's built-in AMI list,
+/// for tests that need a second region), which this thread's helpers here
+/// ([`endpoint`], [`amis`], [`instances`], …) talk to from now on.
 pub(crate) struct Dedicated {
-    _lifeline: std::process::ChildStdin,
+    _moto: moto::Dedicated,
 }
 
 impl Dedicated {
     pub(crate) fn start() -> Dedicated {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = std::process::Command::new("sh")
-            .arg("-c")
-            .arg("moto_server -H 127.0.0.1 -p \"$1\" >/dev/null 2>&1 </dev/null & s=$!; cat >/dev/null; kill $s")
-            .arg("kiln-dedicated-moto")
-            .arg(port.to_string())
-            .env_remove("MOTO_AMIS_PATH")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let lifeline = child.stdin.take().unwrap();
-        // The watchdog outlives this handle on purpose (see the struct's doc).
-        std::mem::forget(child);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "dedicated moto_server did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        ENDPOINT.with(|e| *e.borrow_mut() = Some(format!("http://127.0.0.1:{port}")));
-        Dedicated {
-            _lifeline: lifeline,
-        }
+        let own = moto::Dedicated::start();
+        ENDPOINT.with(|e| *e.borrow_mut() = Some(own.endpoint().to_string()));
+        Dedicated { _moto: own }
     }
 }
 
