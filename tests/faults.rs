@@ -1583,6 +1583,64 @@ fn assert_rolled(g: &Group, run: &Run, proxy: &Proxy) {
     );
 }
 
+/// `kiln status` against a real (moto) group: a rollout stopped mid-way that
+/// has made no progress for longer than its deadline is `stuck`, exit 1, with
+/// how to continue; after `kiln abort` the group is back on its image and
+/// status is `ok`, exit 0.
+#[test]
+fn status_says_a_stopped_rollout_is_stuck_until_it_is_aborted() {
+    use crate::support::proxy::Fault;
+    let g = rollout::setup();
+    let proxy = Proxy::start(moto::endpoint());
+    for _ in 0..kiln::aws::MAX_ATTEMPTS {
+        proxy.inject(
+            "autoscaling:TerminateInstanceInAutoScalingGroup",
+            Fault::ServerError,
+        );
+    }
+    let v2 = format!("{}@2", g.image);
+    let run = Project::new().kiln(
+        &proxy.endpoint(),
+        &rollout::rollout_args(&g, &v2, &["--deadline", "2s"]),
+    );
+    assert_eq!(run.code, Some(1), "{run}\n{}", proxy.summary());
+    std::thread::sleep(Duration::from_secs(3));
+
+    let status = |args: &[&str]| {
+        let mut all = vec!["status", g.asg.as_str()];
+        all.extend_from_slice(args);
+        Project::new().kiln(moto::endpoint(), &all)
+    };
+    let stuck = status(&["--output", "json"]);
+    assert_eq!(stuck.code, Some(1), "{stuck}");
+    let s: serde_json::Value = serde_json::from_str(&stuck.stdout).expect("status JSON");
+    assert_eq!(s["health"], "stuck", "{stuck}");
+    assert_eq!(s["rollout"]["phase"], "Rolling", "{stuck}");
+    let human = status(&[]);
+    assert_eq!(human.code, Some(1), "{human}");
+    let last = human.stderr.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&g.asg)
+            && last.contains("no progress within its deadline")
+            && last.contains("kiln abort"),
+        "{human}"
+    );
+
+    let abort = Project::new().kiln(moto::endpoint(), &["abort", &g.asg]);
+    assert_eq!(abort.code, Some(0), "{abort}");
+    let mut out = Outcome::default();
+    check_rolled(&g, Some(&g.ami1), &mut out);
+    assert!(
+        out.lost.is_empty() && out.leaked.is_empty(),
+        "{out:?}\n{abort}"
+    );
+    let ok = status(&["--output", "json"]);
+    assert_eq!(ok.code, Some(0), "{ok}");
+    let s: serde_json::Value = serde_json::from_str(&ok.stdout).expect("status JSON");
+    assert_eq!(s["health"], "ok", "{ok}");
+    assert!(s["rollout"].is_null(), "{ok}");
+}
+
 /// Lost-response trial, seed 1 (runs 4, 6, 11, 13, 14, 17): the SDK's retry of a
 /// terminate that had worked failed (moto: HTTP 500; AWS: ValidationError), and
 /// the rollout stopped with exit 1, processes suspended and capacity raised.
