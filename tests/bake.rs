@@ -754,6 +754,107 @@ fn a_failed_boot_test_deregisters_the_image_and_deletes_its_snapshots() {
     assert_eq!(groups(&image), Vec::<String>::new());
 }
 
+/// An image that exists in the home region but not yet in a copy region is
+/// copied only there: no builder, no new image, no second version.
+#[test]
+fn a_region_added_later_gets_only_a_copy() {
+    let _moto = Dedicated::start();
+    let env = setup();
+    let image = moto::unique("web");
+    let p = project(&env, &image, "");
+    let home = bake(&p, &endpoint(), &image, &[]);
+    home.expect_ok();
+    let home = json(&home);
+    assert!(amis(COPY_REGION, &image).is_empty());
+
+    let proxy = Proxy::start(&endpoint());
+    let run = bake_in_both_regions(&p, &proxy.endpoint(), &image);
+    run.expect_ok();
+    let out = json(&run);
+    assert_eq!(out["action"], "copied", "{run}");
+    assert_eq!(out["version"], home["version"], "{run}");
+    assert_eq!(
+        out["regions"][moto::REGION],
+        home["regions"][moto::REGION],
+        "{run}"
+    );
+    for op in ["ec2:RunInstances", "ec2:CreateImage", "ssm:PutParameter"] {
+        assert_eq!(proxy.count(op), 0, "{op}\n{}", proxy.summary());
+    }
+    assert_eq!(proxy.count("ec2:CopyImage"), 1, "{}", proxy.summary());
+    let copies = amis(COPY_REGION, &image);
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let (id, (tags, _)) = copies.into_iter().next().unwrap();
+    assert_eq!(out["regions"][COPY_REGION], id.as_str(), "{run}");
+    assert_eq!(tags.get("kiln:state").map(String::as_str), Some("ready"));
+    assert_eq!(
+        tags.get("kiln:hash"),
+        Some(&out["hash"].as_str().unwrap().to_string())
+    );
+}
+
+/// An image still pending when the wait gives up is kept, never
+/// deregistered: the bake says so (exit 1) and cleans up its builder; the next
+/// bake of the same inputs finds it by hash, waits, boot-tests it and marks it
+/// ready ("completed") without building again. moto makes images available at
+/// once, so the proxy answers "pending" for this image during the first bake.
+#[test]
+fn an_image_pending_past_the_wait_is_kept_and_the_next_bake_completes_it() {
+    let env = setup();
+    let image = moto::unique("web");
+    let p = project(&env, &image, "image_timeout = \"1s\"\n");
+    let proxy = Proxy::start(moto::endpoint());
+    let name = format!("kiln-{image}-v1-");
+    proxy.rewrite("ec2:DescribeImages", move |body| {
+        if String::from_utf8_lossy(body).contains(&name) {
+            replace_all(
+                body,
+                "<imageState>available</imageState>",
+                "<imageState>pending</imageState>",
+            )
+        } else {
+            body.to_vec()
+        }
+    });
+    let first = p.kiln(&proxy.endpoint(), &["bake", &image]);
+    first.expect_code(EXIT_FAILED);
+    let last = first.stderr.trim().lines().last().unwrap();
+    assert!(
+        last.contains("is not available after") && last.contains("it was kept: run the bake again"),
+        "{first}"
+    );
+    let kept = amis(moto::REGION, &image);
+    assert_eq!(kept.len(), 1, "the image is kept\n{first}");
+    let (ami, (tags, _)) = kept.into_iter().next().unwrap();
+    assert_eq!(tags.get("kiln:state").map(String::as_str), Some("testing"));
+    assert!(last.contains(&ami), "{first}");
+    assert_eq!(proxy.count("ec2:DeregisterImage"), 0, "{}", proxy.summary());
+    assert_eq!(live_instances(&image), Vec::<String>::new(), "{first}");
+    assert_eq!(groups(&image), Vec::<String>::new(), "{first}");
+
+    let clean = Proxy::start(moto::endpoint());
+    let second = bake(&p, &clean.endpoint(), &image, &[]);
+    second.expect_ok();
+    let out = json(&second);
+    assert_eq!(out["action"], "completed", "{second}");
+    assert_eq!(out["regions"][moto::REGION], ami.as_str(), "{second}");
+    assert_eq!(out["boot_test"], "passed", "{second}");
+    assert_eq!(clean.count("ec2:CreateImage"), 0, "{}", clean.summary());
+    assert_eq!(
+        clean.count("ec2:RunInstances"),
+        1,
+        "boot test only\n{}",
+        clean.summary()
+    );
+    let done = amis(moto::REGION, &image);
+    assert_eq!(
+        done[&ami].0.get("kiln:state").map(String::as_str),
+        Some("ready"),
+        "{done:?}"
+    );
+    assert_eq!(live_instances(&image), Vec::<String>::new(), "{second}");
+}
+
 #[test]
 fn bad_input_is_reported_before_anything_is_created() {
     let env = setup();
