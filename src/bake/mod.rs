@@ -374,8 +374,10 @@ async fn pipeline(
             tag(tags::IMAGE, image.clone()),
         ]
     };
-    let home_ami: Ami = match plan.home.clone() {
-        Home::Reuse(a) => a,
+    // The home region's image, and the security group to boot-test it with
+    // when it is not ready yet.
+    let (home_ami, unfinished): (Ami, Option<String>) = match plan.home.clone() {
+        Home::Reuse(a) => (a, None),
         Home::Build => {
             let launch = launch.as_ref().expect("build launches");
             let bootstrap = bootstrap.expect("built above");
@@ -489,20 +491,7 @@ async fn pipeline(
                 snapshots,
                 run_id: run_id.clone(),
             };
-            finish_image(
-                aws,
-                settings,
-                req,
-                launch,
-                &sg,
-                a,
-                &temp_tags,
-                temps,
-                ui,
-                &mut clock,
-                &mut outcome,
-            )
-            .await?
+            (a, Some(sg))
         }
         Home::Wait(a) | Home::Test(a) => {
             outcome.action = "completed".into();
@@ -519,25 +508,33 @@ async fn pipeline(
                 clock.record("wait image", t.elapsed());
             }
             if a.ready {
-                a
+                (a, None)
             } else {
                 let launch = launch.as_ref().expect("testing launches");
                 let sg = ensure_security_group(aws, launch, &run_id, &temp_tags, temps, ui).await?;
-                finish_image(
-                    aws,
-                    settings,
-                    req,
-                    launch,
-                    &sg,
-                    a,
-                    &temp_tags,
-                    temps,
-                    ui,
-                    &mut clock,
-                    &mut outcome,
-                )
-                .await?
+                (a, Some(sg))
             }
+        }
+    };
+    let home_ami = match unfinished {
+        None => home_ami,
+        Some(sg) => {
+            finish_image(
+                aws,
+                settings,
+                req,
+                launch
+                    .as_ref()
+                    .expect("an unfinished image has launch settings"),
+                &sg,
+                home_ami,
+                &temp_tags,
+                temps,
+                ui,
+                &mut clock,
+                &mut outcome,
+            )
+            .await?
         }
     };
     outcome.version = home_ami.version;
