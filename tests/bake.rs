@@ -86,18 +86,7 @@ pub(crate) fn setup() -> Env {
             .send()
             .await
             .unwrap();
-        let subnets = aws_sdk_ec2::Client::new(&conf)
-            .describe_subnets()
-            .filters(
-                Filter::builder()
-                    .name("default-for-az")
-                    .values("true")
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-        let subnet = subnets.subnets()[0].subnet_id().unwrap().to_string();
+        let subnet = crate::rollout::subnets(&aws_sdk_ec2::Client::new(&conf)).await[0].clone();
         Env {
             bucket,
             profile,

@@ -76,7 +76,7 @@ async fn register_ami(ec2: &aws_sdk_ec2::Client, image: &str, version: u64) -> S
 }
 
 /// Three default subnets in distinct AZs.
-async fn subnets(ec2: &aws_sdk_ec2::Client) -> Vec<String> {
+pub(crate) async fn subnets(ec2: &aws_sdk_ec2::Client) -> Vec<String> {
     let out = ec2
         .describe_subnets()
         .filters(

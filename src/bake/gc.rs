@@ -30,6 +30,18 @@ pub struct GcReport {
     pub dry_run: bool,
 }
 
+/// DescribeInstances filter: instances not (being) terminated, the ones that
+/// still cost money and hold their security group.
+pub(crate) fn not_terminated() -> Filter {
+    Filter::builder()
+        .name("instance-state-name")
+        .values("pending")
+        .values("running")
+        .values("stopping")
+        .values("stopped")
+        .build()
+}
+
 /// Lists every kiln temporary in `aws`'s region (two calls).
 pub async fn find(aws: &Aws) -> Result<Vec<Temporary>, AwsError> {
     let region = aws.region().to_string();
@@ -43,15 +55,7 @@ pub async fn find(aws: &Aws) -> Result<Vec<Temporary>, AwsError> {
                 .set_values(Some(INSTANCE_ROLES.map(String::from).to_vec()))
                 .build(),
         )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .values("stopping")
-                .values("stopped")
-                .build(),
-        )
+        .filters(not_terminated())
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {

@@ -1169,16 +1169,7 @@ async fn sweep_launches(aws: &Aws, run_id: &str, role: &str, keep: Option<&str>,
                 .values(role)
                 .build(),
         )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .set_values(Some(
-                    ["pending", "running", "stopping", "stopped"]
-                        .map(String::from)
-                        .to_vec(),
-                ))
-                .build(),
-        )
+        .filters(gc::not_terminated())
         .send()
         .await;
     let Ok(found) = found else {
@@ -1440,23 +1431,38 @@ async fn create_image(
         // `InvalidAMIName.Duplicate` (AWS). The images of this name tagged with
         // this run are all this run's: keep the one answered (or the first
         // made), remove the others now.
-        let ours = images_of_run(aws, &name, run_id).await.unwrap_or_default();
-        let Some(keep) = answered.or_else(|| ours.first().map(|(id, _)| id.clone())) else {
-            return Err(
-                AwsError::call("ec2", "CreateImage", aws.region(), out.unwrap_err()).into(),
-            );
-        };
-        for (id, snapshots) in ours.iter().filter(|(id, _)| *id != keep) {
-            if let Err(e) = remove_image(aws, id, snapshots).await {
-                tracing::warn!("removing duplicate image {id}: {e}");
+        match keep_one_image(aws, &name, run_id, answered).await {
+            Some(keep) => keep,
+            None => {
+                return Err(
+                    AwsError::call("ec2", "CreateImage", aws.region(), out.unwrap_err()).into(),
+                )
             }
         }
-        keep
     } else {
         answered.unwrap_or_default()
     };
     lock(temps).image = Some((ami.clone(), ImageProgress::Pending, Vec::new()));
     Ok(ami)
+}
+
+/// After a retried call that makes an image: of this run's images called
+/// `name`, keeps `answered` (or, when no answer came, the first made) and
+/// removes the others, which a lost answer's retry made. The image kept, if any.
+async fn keep_one_image(
+    aws: &Aws,
+    name: &str,
+    run_id: &str,
+    answered: Option<String>,
+) -> Option<String> {
+    let ours = images_of_run(aws, name, run_id).await.unwrap_or_default();
+    let keep = answered.or_else(|| ours.first().map(|(id, _)| id.clone()))?;
+    for (id, snapshots) in ours.iter().filter(|(id, _)| *id != keep) {
+        if let Err(e) = remove_image(aws, id, snapshots).await {
+            tracing::warn!("removing duplicate image {id}: {e}");
+        }
+    }
+    Some(keep)
 }
 
 /// This run's images called `name` (id, snapshots), oldest first.
@@ -1711,12 +1717,7 @@ async fn copy_one(
             let id = out.image_id().unwrap_or_default().to_string();
             if attempts.retried() {
                 // moto honours no token: remove copies a lost answer left.
-                let ours = images_of_run(aws, &name, &run_id).await.unwrap_or_default();
-                for (other, snapshots) in ours.iter().filter(|(other, _)| *other != id) {
-                    if let Err(e) = remove_image(aws, other, snapshots).await {
-                        tracing::warn!("removing duplicate copy {other}: {e}");
-                    }
-                }
+                keep_one_image(aws, &name, &run_id, Some(id.clone())).await;
             }
             id
         }
